@@ -1,0 +1,443 @@
+//! `envoy store …` and `envoy status`: open the store directly (no daemon
+//! yet) and report in words a person can act on.
+
+use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use engine::hash::BlobId;
+use engine::manifest::{Manifest, ManifestLimits};
+use engine::store::{BlobState, Owner, Progress, Store, StoreError, StoreOptions};
+use serde_json::json;
+
+use crate::cli::{Global, StoreCommand, exit};
+
+/// Subsystem recorded as the owner of blobs added from the CLI.
+const CLI_SUBSYSTEM: &str = "store";
+
+fn default_store_dir() -> PathBuf {
+    if engine::sys::current_uid() == 0 {
+        return PathBuf::from("/var/lib/vigo/store");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("vigo/store")
+}
+
+fn exit_code(e: &StoreError) -> u8 {
+    match e {
+        StoreError::NotFound(_) => exit::NOT_FOUND,
+        StoreError::Corrupt { .. }
+        | StoreError::CorruptFile { .. }
+        | StoreError::Quarantined(_) => exit::CORRUPT,
+        _ => exit::ERROR,
+    }
+}
+
+fn fail(e: &StoreError) -> u8 {
+    eprintln!("envoy: {e}");
+    exit_code(e)
+}
+
+fn parse_id(s: &str) -> Result<BlobId, u8> {
+    s.parse().map_err(|e| {
+        eprintln!("envoy: {s:?} is not a blob id: {e}");
+        exit::USAGE
+    })
+}
+
+fn open_store(g: &Global) -> Result<Store, u8> {
+    let dir = g.store.clone().unwrap_or_else(default_store_dir);
+    let options = StoreOptions {
+        io: g.io,
+        ..StoreOptions::default()
+    };
+    Store::open(&dir, options).map_err(|e| {
+        eprintln!("envoy: cannot open store at {}: {e}", dir.display());
+        exit::ERROR
+    })
+}
+
+/// Runs `work` while drawing a progress bar from `progress` on a terminal.
+fn with_progress<T: Send>(label: &str, progress: &Progress, work: impl FnOnce() -> T + Send) -> T {
+    if !io::stderr().is_terminal() {
+        return work();
+    }
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(label.to_string());
+            while !done.load(Ordering::Relaxed) {
+                bar.set_length(progress.total.load(Ordering::Relaxed));
+                bar.set_position(progress.done.load(Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let out = work();
+        done.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+pub fn run(g: &Global, cmd: StoreCommand) -> u8 {
+    match run_inner(g, cmd) {
+        Ok(()) => exit::OK,
+        Err(code) => code,
+    }
+}
+
+fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
+    let store = open_store(g)?;
+    let mut out = io::stdout().lock();
+    match cmd {
+        StoreCommand::Add { file } => {
+            let owner = Owner::new(engine::sys::current_uid(), CLI_SUBSYSTEM);
+            let progress = Progress::default();
+            let r = with_progress("ingesting", &progress, || {
+                store.add_file(&file, &owner, Some(&progress))
+            })
+            .map_err(|e| fail(&e))?;
+            if g.json {
+                let v = json!({
+                    "id": r.id.to_string(),
+                    "content_blake3": r.content_hash.to_hex(),
+                    "size": r.size,
+                    "chunks": r.chunks,
+                    "io_backend": r.io_backend.to_string(),
+                });
+                writeln!(out, "{v}").map_err(stdout_err)?;
+            } else {
+                writeln!(out, "{}", r.id).map_err(stdout_err)?;
+                eprintln!(
+                    "{} {}: {} bytes, {} chunks, BLAKE3 {}, io {}",
+                    if r.already_present {
+                        "already stored"
+                    } else {
+                        "added"
+                    },
+                    file.display(),
+                    r.size,
+                    r.chunks,
+                    r.content_hash,
+                    r.io_backend
+                );
+            }
+        }
+        StoreCommand::Ls => {
+            let blobs = store.list().map_err(|e| fail(&e))?;
+            if g.json {
+                let v: Vec<_> = blobs
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "id": b.id.to_string(),
+                            "state": b.state.to_string(),
+                            "size": b.size,
+                            "chunks": b.chunks,
+                            "content_blake3": b.content_hash.to_hex(),
+                            "owners": b.owners.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+                            "created_unix_s": b.created_unix_s,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(v)).map_err(stdout_err)?;
+            } else {
+                for b in &blobs {
+                    let owners: Vec<String> = b.owners.iter().map(|o| o.to_string()).collect();
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}\t{}",
+                        b.id,
+                        b.state,
+                        b.size,
+                        b.chunks,
+                        owners.join(",")
+                    )
+                    .map_err(stdout_err)?;
+                }
+            }
+        }
+        StoreCommand::Cat { id } => {
+            let id = parse_id(&id)?;
+            let progress = Progress::default();
+            let result = with_progress("reading", &progress, || {
+                let mut stdout = io::stdout().lock();
+                store.read_verified(&id, Some(&progress), &mut |b| stdout.write_all(b))
+            });
+            if let Err(StoreError::Io { source, .. }) = &result
+                && source.kind() == io::ErrorKind::BrokenPipe
+            {
+                return Ok(());
+            }
+            result.map_err(|e| fail(&e))?;
+        }
+        StoreCommand::Export { id, path } => {
+            let id = parse_id(&id)?;
+            let progress = Progress::default();
+            let n = with_progress("exporting", &progress, || {
+                store.export(&id, &path, Some(&progress))
+            })
+            .map_err(|e| fail(&e))?;
+            eprintln!(
+                "exported {id} to {} ({n} bytes, every chunk verified)",
+                path.display()
+            );
+        }
+        StoreCommand::Verify { id, full } => {
+            let id = id.as_deref().map(parse_id).transpose()?;
+            let progress = Progress::default();
+            let verdicts = with_progress("verifying", &progress, || {
+                store.verify(id.as_ref(), full, Some(&progress))
+            })
+            .map_err(|e| fail(&e))?;
+            let corrupt = verdicts.iter().filter(|v| !v.problems.is_empty()).count();
+            if g.json {
+                let v: Vec<_> = verdicts
+                    .iter()
+                    .map(|v| {
+                        json!({
+                            "id": v.id.to_string(),
+                            "bytes": v.bytes,
+                            "ok": v.problems.is_empty(),
+                            "problems": v.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"blobs": v, "corrupt": corrupt, "full": full})
+                )
+                .map_err(stdout_err)?;
+            } else {
+                for v in &verdicts {
+                    if v.problems.is_empty() {
+                        writeln!(out, "ok\t{}", v.id).map_err(stdout_err)?;
+                    } else {
+                        for p in &v.problems {
+                            writeln!(out, "CORRUPT\t{}\t{p}", v.id).map_err(stdout_err)?;
+                        }
+                    }
+                }
+                let bytes: u64 = verdicts.iter().map(|v| v.bytes).sum();
+                eprintln!(
+                    "verified {} blob(s), {bytes} bytes{}: {corrupt} corrupt{}",
+                    verdicts.len(),
+                    if full {
+                        " (chunks and whole-content BLAKE3)"
+                    } else {
+                        " (every chunk)"
+                    },
+                    if corrupt > 0 {
+                        " (quarantined: not served until re-added or removed)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if corrupt > 0 {
+                return Err(exit::CORRUPT);
+            }
+        }
+        StoreCommand::Rm { id } => {
+            let id = parse_id(&id)?;
+            store.remove(&id).map_err(|e| fail(&e))?;
+            eprintln!("removed {id}");
+        }
+        StoreCommand::Manifest { id, bundle } => {
+            let id = parse_id(&id)?;
+            let m = store.manifest(&id).map_err(|e| fail(&e))?;
+            if bundle {
+                out.write_all(&m.to_bundle()).map_err(stdout_err)?;
+            } else {
+                print_manifest(&mut out, &id, &m, g.json).map_err(stdout_err)?;
+            }
+        }
+        StoreCommand::Assemble { manifest } => {
+            let bytes = std::fs::read(&manifest).map_err(|e| {
+                eprintln!("envoy: cannot read manifest {}: {e}", manifest.display());
+                exit::ERROR
+            })?;
+            let m = Manifest::from_bundle(&bytes, &ManifestLimits::default()).map_err(|e| {
+                eprintln!(
+                    "envoy: {} is not a valid manifest bundle: {e}",
+                    manifest.display()
+                );
+                exit::ERROR
+            })?;
+            let id = m.id();
+            let owner = Owner::new(engine::sys::current_uid(), CLI_SUBSYSTEM);
+            let state = store.begin_partial(&m, &owner).map_err(|e| fail(&e))?;
+            let plan = if state == BlobState::Partial {
+                let plan = store.assemble_local(&id).map_err(|e| fail(&e))?;
+                if plan.missing_chunks == 0 {
+                    store.seal_partial(&id).map_err(|e| fail(&e))?;
+                }
+                plan
+            } else {
+                Default::default()
+            };
+            let complete = plan.missing_chunks == 0;
+            if g.json {
+                let v = json!({
+                    "id": id.to_string(),
+                    "complete": complete,
+                    "held_chunks": plan.held_chunks,
+                    "held_bytes": plan.held_bytes,
+                    "missing_chunks": plan.missing_chunks,
+                    "missing_bytes": plan.missing_bytes,
+                });
+                writeln!(out, "{v}").map_err(stdout_err)?;
+            } else {
+                writeln!(out, "{id}").map_err(stdout_err)?;
+                eprintln!(
+                    "{}: {} chunks ({} bytes) held locally, {} chunks ({} bytes) still to fetch",
+                    if complete { "complete" } else { "partial" },
+                    plan.held_chunks,
+                    plan.held_bytes,
+                    plan.missing_chunks,
+                    plan.missing_bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_manifest(
+    out: &mut impl Write,
+    id: &BlobId,
+    m: &Manifest,
+    json_out: bool,
+) -> io::Result<()> {
+    let entries = m.entries().map_err(io::Error::other)?;
+    let p = m.root.params;
+    if json_out {
+        let chunks: Vec<_> = entries
+            .iter()
+            .map(|e| json!({"offset": e.offset, "len": e.len, "hash": e.hash.to_hex()}))
+            .collect();
+        let v = json!({
+            "id": id.to_string(),
+            "format_version": engine::manifest::MANIFEST_FORMAT_VERSION,
+            "hash": "blake3",
+            "chunker": {"algorithm": "fastcdc-v2020", "min": p.min_bytes, "avg": p.avg_bytes, "max": p.max_bytes},
+            "size": m.root.total_bytes,
+            "content_blake3": m.root.content_hash.to_hex(),
+            "pages": m.root.pages.len(),
+            "chunks": chunks,
+        });
+        writeln!(out, "{v}")
+    } else {
+        writeln!(out, "id\t{id}")?;
+        writeln!(out, "size\t{}", m.root.total_bytes)?;
+        writeln!(out, "content_blake3\t{}", m.root.content_hash)?;
+        writeln!(
+            out,
+            "chunker\tfastcdc-v2020 min {} avg {} max {}",
+            p.min_bytes, p.avg_bytes, p.max_bytes
+        )?;
+        writeln!(
+            out,
+            "chunks\t{} in {} page(s)",
+            m.root.chunk_count,
+            m.root.pages.len()
+        )?;
+        for (i, e) in entries.iter().enumerate() {
+            writeln!(out, "{i}\t{}\t{}\t{}", e.offset, e.len, e.hash)?;
+        }
+        Ok(())
+    }
+}
+
+fn stdout_err(e: io::Error) -> u8 {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        return exit::OK;
+    }
+    eprintln!("envoy: cannot write to stdout: {e}");
+    exit::ERROR
+}
+
+pub fn status(g: &Global) -> u8 {
+    let facts = engine::sys::probe::platform();
+    let selection = engine::io::select(g.io);
+    let (backend, reason) = match &selection {
+        Ok(s) => (s.backend.to_string(), s.fallback_reason.clone()),
+        Err(e) => ("unavailable".to_string(), Some(e.to_string())),
+    };
+    if g.json {
+        let v = json!({
+            "os": facts.os,
+            "arch": facts.arch,
+            "kernel": facts.kernel,
+            "io_backend": backend,
+            "io_fallback_reason": reason,
+            "uring_opcodes": facts.uring_opcodes,
+            "uring_error": facts.uring_error,
+            "ktls": facts.ktls,
+            "blake3_simd": blake3_impl(),
+        });
+        println!("{v}");
+    } else {
+        println!("os\t{} {}", facts.os, facts.arch);
+        println!("kernel\t{}", facts.kernel.as_deref().unwrap_or("unknown"));
+        println!(
+            "io_backend\t{backend}{}",
+            reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+        match &facts.uring_opcodes {
+            Some(ops) => println!("io_uring\t{}", ops.join(" ")),
+            None => println!(
+                "io_uring\tunavailable: {}",
+                facts.uring_error.as_deref().unwrap_or("unknown")
+            ),
+        }
+        println!("ktls\t{}", if facts.ktls { "available" } else { "absent" });
+        println!("blake3\t{}", blake3_impl());
+    }
+    if selection.is_err() {
+        exit::ERROR
+    } else {
+        exit::OK
+    }
+}
+
+/// The SIMD implementation blake3 picks on this CPU.
+fn blake3_impl() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+        if std::arch::is_x86_feature_detected!("sse4.1") {
+            return "sse41";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "portable"
+    }
+}

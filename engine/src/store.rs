@@ -1,0 +1,1258 @@
+//! The blob store: sealed, immutable blob files plus the redb index.
+//!
+//! Layout of a store directory (`docs/store-format.md` has the details):
+//!
+//! ```text
+//! DIR/lock           flock'd by the owning process; holds its PID
+//! DIR/index.redb     the index (see `index`)
+//! DIR/blobs/<hex>    sealed blobs: the whole content, immutable
+//! DIR/partial/<hex>  blobs being assembled or fetched (resumable)
+//! DIR/tmp/           ingest temp files and manifest spools
+//! ```
+//!
+//! Durability order for a new blob: write the temp file, fsync it, rename it
+//! into `blobs/`, fsync `blobs/`, then commit the index (fsync'd by redb).
+//! What a crash leaves behind, and how `open` repairs it:
+//! - before the rename: a file in `tmp/`, deleted at open;
+//! - after the rename, before the commit: a file in `blobs/` the index does
+//!   not know, deleted at open (the add is simply not done);
+//! - after the commit: the blob is complete and durable.
+//!
+//! Partial blobs keep a presence bit per chunk. A chunk's bit is committed
+//! only after its bytes were verified and the partial file fsync'd, so after
+//! a crash every set bit names good bytes and the rest are fetched again.
+//!
+//! Sealed files are never written, truncated or replaced in place — only
+//! unlinked whole — which is what makes mapping them safe (see `sys::SealedMap`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::hash::{BlobId, ChunkHash, ContentHash};
+use crate::index::{BlobRecord, Index};
+use crate::ingest::{self, IngestError, Sink};
+use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
+use crate::manifest::{ChunkEntry, Manifest, ManifestError, ManifestLimits, ManifestRoot};
+use crate::sys::{self, SealedMap};
+
+/// Lifecycle of a blob in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlobState {
+    /// Some chunks missing; never served.
+    Partial = 1,
+    /// Sealed and verified on write; served.
+    Complete = 2,
+    /// Found corrupt at rest; never served until re-added or removed.
+    Quarantined = 3,
+}
+
+impl BlobState {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(BlobState::Partial),
+            2 => Some(BlobState::Complete),
+            3 => Some(BlobState::Quarantined),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BlobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlobState::Partial => "partial",
+            BlobState::Complete => "complete",
+            BlobState::Quarantined => "quarantined",
+        })
+    }
+}
+
+/// Who holds a blob: a Unix user and the subsystem that stored it. A blob
+/// may have several; scrubbing one owner leaves the others' data intact.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub uid: u32,
+    pub subsystem: String,
+}
+
+impl Owner {
+    pub fn new(uid: u32, subsystem: &str) -> Self {
+        assert!(!subsystem.contains(':') && !subsystem.is_empty());
+        Owner {
+            uid,
+            subsystem: subsystem.to_string(),
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let (uid, sub) = s.split_once(':')?;
+        Some(Owner {
+            uid: uid.parse().ok()?,
+            subsystem: sub.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.uid, self.subsystem)
+    }
+}
+
+/// Errors of store operations. Each names what a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {dir} is in use by {}", pid.map(|p| format!("PID {p}")).unwrap_or_else(|| "another process".into()))]
+    InUse { dir: PathBuf, pid: Option<u32> },
+    #[error("no blob {0} in this store")]
+    NotFound(BlobId),
+    #[error("blob {0} is not complete (partial): it cannot be read yet")]
+    Incomplete(BlobId),
+    #[error("blob {0} is quarantined as corrupt: re-add it or remove it")]
+    Quarantined(BlobId),
+    #[error(
+        "blob {id} is corrupt: chunk {index} at offset {offset} ({len} bytes) does not match its hash"
+    )]
+    Corrupt {
+        id: BlobId,
+        index: u64,
+        offset: u64,
+        len: u32,
+    },
+    #[error("blob {id} is corrupt: {why}")]
+    CorruptFile { id: BlobId, why: String },
+    #[error("not enough space in {}: {needed} bytes needed, {available} available", path.display())]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("{}: {why}", path.display())]
+    Input { path: PathBuf, why: String },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("store index is damaged: {0}")]
+    CorruptIndex(String),
+    #[error("store format version {found} is not supported (this build reads version {supported})")]
+    FormatVersion { found: u64, supported: u64 },
+    #[error(transparent)]
+    Backend(#[from] BackendUnavailable),
+    #[error("invalid manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("chunk {index} of blob {id} does not match its hash")]
+    BadChunk { id: BlobId, index: u64 },
+}
+
+impl StoreError {
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+        move |source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return StoreError::NoSpace {
+                    path: path.to_path_buf(),
+                    needed: 0,
+                    available: 0,
+                };
+            }
+            StoreError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub io: IoMode,
+    pub chunker: ChunkerParams,
+    pub limits: ManifestLimits,
+    /// Write blob files with direct IO (bypassing the page cache) where the
+    /// filesystem allows it. Faster durable ingest; later reads come from disk.
+    pub direct_writes: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            io: IoMode::Auto,
+            chunker: ChunkerParams::DEFAULT,
+            limits: ManifestLimits::default(),
+            direct_writes: true,
+        }
+    }
+}
+
+/// What `add_file` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddReport {
+    pub id: BlobId,
+    pub content_hash: ContentHash,
+    pub size: u64,
+    pub chunks: u64,
+    pub io_backend: IoBackend,
+    /// The blob was already complete in the store; nothing new was kept.
+    pub already_present: bool,
+}
+
+/// One blob as `ls` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub id: BlobId,
+    pub state: BlobState,
+    pub size: u64,
+    pub chunks: u64,
+    pub content_hash: ContentHash,
+    pub owners: Vec<Owner>,
+    pub created_unix_s: u64,
+}
+
+/// A problem `verify` found in one blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    MissingFile,
+    WrongLength { expected: u64, found: u64 },
+    CorruptChunk { index: u64, offset: u64, len: u32 },
+    ContentMismatch,
+    Unreadable(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::MissingFile => f.write_str("blob file is missing"),
+            Problem::WrongLength { expected, found } => {
+                write!(f, "blob file has {found} bytes, manifest says {expected}")
+            }
+            Problem::CorruptChunk { index, offset, len } => {
+                write!(
+                    f,
+                    "chunk {index} at offset {offset} ({len} bytes) does not match its hash"
+                )
+            }
+            Problem::ContentMismatch => {
+                f.write_str("whole-content BLAKE3 does not match the manifest")
+            }
+            Problem::Unreadable(why) => write!(f, "unreadable: {why}"),
+        }
+    }
+}
+
+/// The verdict on one blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobVerdict {
+    pub id: BlobId,
+    pub bytes: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Which chunks of a manifest the store already holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaPlan {
+    pub held_chunks: u64,
+    pub held_bytes: u64,
+    pub missing_chunks: u64,
+    pub missing_bytes: u64,
+}
+
+/// Progress of long operations, in bytes; read from another thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+/// The blob store. `Sync`: operations may run concurrently from many threads
+/// of the one process that owns the store.
+pub struct Store {
+    dir: PathBuf,
+    index: Index,
+    options: StoreOptions,
+    io: IoSelection,
+    chunker: Chunker,
+    /// Serializes the seal step (rename + commit) so two adds of the same
+    /// content cannot both rename.
+    seal_lock: Mutex<()>,
+    /// Serializes writes to one partial blob (presence read-modify-write).
+    partial_lock: Mutex<()>,
+    temp_seq: AtomicU64,
+    _lock: sys::DirLock,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Store({})", self.dir.display())
+    }
+}
+
+const LOCK_FILE: &str = "lock";
+const INDEX_FILE: &str = "index.redb";
+const BLOBS_DIR: &str = "blobs";
+const PARTIAL_DIR: &str = "partial";
+const TMP_DIR: &str = "tmp";
+/// Room for manifest spool and index growth beyond the content itself.
+const SPACE_MARGIN_BYTES: u64 = 16 << 20;
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir`, takes its lock, checks
+    /// its format version, probes the IO backend and repairs what a crash
+    /// left behind.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(StoreError::io("cannot create store directory", dir))?;
+        let lock = match sys::lock_exclusive(&dir.join(LOCK_FILE)) {
+            Ok(l) => l,
+            Err(sys::LockError::Held(pid)) => {
+                return Err(StoreError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(sys::LockError::Io(e)) => return Err(StoreError::io("cannot lock store", dir)(e)),
+        };
+        for sub in [BLOBS_DIR, PARTIAL_DIR, TMP_DIR] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(StoreError::io("cannot create", &p))?;
+        }
+        let index = Index::open(&dir.join(INDEX_FILE))?;
+        let io = crate::io::select(options.io)?;
+        let chunker = Chunker::new(options.chunker).map_err(|e| StoreError::Input {
+            path: dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            index,
+            options,
+            io,
+            chunker,
+            seal_lock: Mutex::new(()),
+            partial_lock: Mutex::new(()),
+            temp_seq: AtomicU64::new(0),
+            _lock: lock,
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn io_selection(&self) -> &IoSelection {
+        &self.io
+    }
+
+    fn blob_path(&self, id: &BlobId) -> PathBuf {
+        self.dir.join(BLOBS_DIR).join(id.to_hex())
+    }
+
+    fn partial_path(&self, id: &BlobId) -> PathBuf {
+        self.dir.join(PARTIAL_DIR).join(id.to_hex())
+    }
+
+    /// Deletes what a crash left half-done (see the module docs).
+    fn recover(&self) -> Result<(), StoreError> {
+        let tmp = self.dir.join(TMP_DIR);
+        for entry in fs::read_dir(&tmp).map_err(StoreError::io("cannot list", &tmp))? {
+            let entry = entry.map_err(StoreError::io("cannot list", &tmp))?;
+            let _ = fs::remove_file(entry.path());
+        }
+        let known: HashMap<BlobId, BlobState> = self
+            .index
+            .blobs()?
+            .into_iter()
+            .map(|(id, r)| (id, r.state))
+            .collect();
+        for (sub, wanted) in [(BLOBS_DIR, false), (PARTIAL_DIR, true)] {
+            let d = self.dir.join(sub);
+            for entry in fs::read_dir(&d).map_err(StoreError::io("cannot list", &d))? {
+                let entry = entry.map_err(StoreError::io("cannot list", &d))?;
+                let name = entry.file_name();
+                let id = name.to_str().and_then(|n| {
+                    format!("{}{n}", crate::hash::BLOB_ID_PREFIX)
+                        .parse::<BlobId>()
+                        .ok()
+                });
+                let keep = id
+                    .and_then(|id| known.get(&id))
+                    .is_some_and(|state| (*state == BlobState::Partial) == wanted);
+                if !keep {
+                    tracing::info!(
+                        "removing {} left by an interrupted operation",
+                        entry.path().display()
+                    );
+                    fs::remove_file(entry.path())
+                        .map_err(StoreError::io("cannot remove", &entry.path()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn temp_path(&self, what: &str) -> PathBuf {
+        let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(TMP_DIR)
+            .join(format!("{what}-{}-{n}", std::process::id()))
+    }
+
+    /// Ingests a file: chunks, hashes and stores it durably.
+    pub fn add_file(
+        &self,
+        path: &Path,
+        owner: &Owner,
+        progress: Option<&Progress>,
+    ) -> Result<AddReport, StoreError> {
+        let input_err = |why: String| StoreError::Input {
+            path: path.to_path_buf(),
+            why,
+        };
+        let source = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => input_err("no such file".into()),
+            io::ErrorKind::PermissionDenied => input_err("permission denied".into()),
+            _ => input_err(format!("cannot open: {e}")),
+        })?;
+        let meta = source
+            .metadata()
+            .map_err(|e| input_err(format!("cannot stat: {e}")))?;
+        if meta.is_dir() {
+            return Err(input_err("is a directory; add files one at a time".into()));
+        }
+        if !meta.is_file() {
+            return Err(input_err("is not a regular file".into()));
+        }
+        let size = meta.len();
+        if size > self.options.limits.total_bytes_max {
+            return Err(input_err(format!(
+                "{size} bytes exceeds the store's blob size cap of {} bytes",
+                self.options.limits.total_bytes_max
+            )));
+        }
+        let tmp_dir = self.dir.join(TMP_DIR);
+        let available = sys::free_bytes(&tmp_dir)
+            .map_err(StoreError::io("cannot stat filesystem of", &tmp_dir))?;
+        let needed = size + SPACE_MARGIN_BYTES;
+        if available < needed {
+            return Err(StoreError::NoSpace {
+                path: self.dir.clone(),
+                needed,
+                available,
+            });
+        }
+        if let Some(p) = progress {
+            p.total.store(size, Ordering::Relaxed);
+        }
+
+        let temp = TempFiles::new(vec![self.temp_path("add"), self.temp_path("spool")]);
+        let (file, direct) = sys::create_for_writing(&temp.paths[0], self.options.direct_writes)
+            .map_err(StoreError::io("cannot create", &temp.paths[0]))?;
+        let mut spool = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&temp.paths[1])
+            .map_err(StoreError::io("cannot create", &temp.paths[1]))?;
+        let dummy = AtomicU64::new(0);
+        let counter = progress.map(|p| &p.done).unwrap_or(&dummy);
+        let sink = Sink {
+            file: &file,
+            direct,
+            backend: self.io.backend,
+        };
+        let ingested = ingest::ingest(&source, sink, &self.chunker, &mut spool, counter).map_err(
+            |e| match e {
+                IngestError::Read(e) => input_err(format!("read failed: {e}")),
+                IngestError::Write(e) => StoreError::io("cannot write", &temp.paths[0])(e),
+                IngestError::Spool(e) => StoreError::io("cannot write", &temp.paths[1])(e),
+            },
+        )?;
+        file.sync_all()
+            .map_err(StoreError::io("cannot sync", &temp.paths[0]))?;
+        drop(file);
+        let root = ingested.root;
+        let id = root.id();
+        let already_present =
+            self.seal_from_spool(&id, &root, &temp.paths[0], &mut spool, owner)?;
+        Ok(AddReport {
+            id,
+            content_hash: root.content_hash,
+            size: root.total_bytes,
+            chunks: root.chunk_count,
+            io_backend: self.io.backend,
+            already_present,
+        })
+    }
+
+    /// Moves a fully written, fsync'd file into `blobs/` and commits its
+    /// manifest (read back from the spool). Returns whether the blob was
+    /// already complete, in which case the file is discarded.
+    fn seal_from_spool(
+        &self,
+        id: &BlobId,
+        root: &ManifestRoot,
+        file: &Path,
+        spool: &mut File,
+        owner: &Owner,
+    ) -> Result<bool, StoreError> {
+        let _guard = self.seal_lock.lock().expect("seal lock poisoned");
+        let existing = self.index.blob(id)?;
+        if existing
+            .as_ref()
+            .is_some_and(|r| r.state == BlobState::Complete)
+        {
+            let tx = self.index.write()?;
+            tx.add_owner(id, owner)?;
+            tx.commit()?;
+            return Ok(true);
+        }
+        let tx = self.index.write()?;
+        if let Some(old) = &existing {
+            // A quarantined or partial copy: replace its rows wholesale.
+            let entries = self.all_entries(id, &old.root)?;
+            tx.remove_blob(id, &old.root, &entries)?;
+            let _ = fs::remove_file(self.partial_path(id));
+        }
+        let spool_path = spool_path_hint(file);
+        let mut reader = BufReader::with_capacity(1 << 20, &mut *spool);
+        io::Seek::seek(&mut reader, io::SeekFrom::Start(0))
+            .map_err(StoreError::io("cannot read", &spool_path))?;
+        for i in 0..root.pages.len() as u32 {
+            let mut len = [0u8; 4];
+            reader
+                .read_exact(&mut len)
+                .map_err(StoreError::io("cannot read", &spool_path))?;
+            let mut page = vec![0u8; u32::from_le_bytes(len) as usize];
+            reader
+                .read_exact(&mut page)
+                .map_err(StoreError::io("cannot read", &spool_path))?;
+            let entries = root.decode_page(i as usize, &page)?;
+            tx.put_page(id, i, &page)?;
+            tx.put_chunks(id, &entries)?;
+        }
+        tx.put_blob(
+            id,
+            &BlobRecord {
+                state: BlobState::Complete,
+                created_unix_s: now_unix_s(),
+                root: root.clone(),
+            },
+        )?;
+        tx.add_owner(id, owner)?;
+        let target = self.blob_path(id);
+        // A quarantined copy is replaced by rename: readers that still map
+        // the old file keep its (old) inode; nothing is truncated.
+        fs::rename(file, &target).map_err(StoreError::io("cannot move blob into", &target))?;
+        let blobs = self.dir.join(BLOBS_DIR);
+        sys::sync_dir(&blobs).map_err(StoreError::io("cannot sync", &blobs))?;
+        tx.commit()?;
+        Ok(false)
+    }
+
+    /// Every chunk entry of a blob, page by page from the index.
+    fn all_entries(&self, id: &BlobId, root: &ManifestRoot) -> Result<Vec<ChunkEntry>, StoreError> {
+        let mut out = Vec::with_capacity(root.chunk_count as usize);
+        for i in 0..root.pages.len() as u32 {
+            out.extend(self.index.page(id, root, i)?);
+        }
+        Ok(out)
+    }
+
+    fn record(&self, id: &BlobId) -> Result<BlobRecord, StoreError> {
+        self.index.blob(id)?.ok_or(StoreError::NotFound(*id))
+    }
+
+    pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
+        let mut out = Vec::new();
+        for (id, r) in self.index.blobs()? {
+            out.push(BlobInfo {
+                id,
+                state: r.state,
+                size: r.root.total_bytes,
+                chunks: r.root.chunk_count,
+                content_hash: r.root.content_hash,
+                owners: self.index.owners(&id)?,
+                created_unix_s: r.created_unix_s,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn info(&self, id: &BlobId) -> Result<BlobInfo, StoreError> {
+        let r = self.record(id)?;
+        Ok(BlobInfo {
+            id: *id,
+            state: r.state,
+            size: r.root.total_bytes,
+            chunks: r.root.chunk_count,
+            content_hash: r.root.content_hash,
+            owners: self.index.owners(id)?,
+            created_unix_s: r.created_unix_s,
+        })
+    }
+
+    /// The whole manifest (root and every page).
+    pub fn manifest(&self, id: &BlobId) -> Result<Manifest, StoreError> {
+        let r = self.record(id)?;
+        let mut pages = Vec::with_capacity(r.root.pages.len());
+        for i in 0..r.root.pages.len() as u32 {
+            let bytes = self.index.page_bytes(id, i)?;
+            r.root.decode_page(i as usize, &bytes)?;
+            pages.push(bytes);
+        }
+        Ok(Manifest {
+            root: r.root,
+            pages,
+        })
+    }
+
+    pub fn manifest_root(&self, id: &BlobId) -> Result<ManifestRoot, StoreError> {
+        Ok(self.record(id)?.root)
+    }
+
+    /// Opens a complete blob for reading; refuses partial and quarantined ones.
+    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader<'_>, StoreError> {
+        let r = self.record(id)?;
+        match r.state {
+            BlobState::Complete => {}
+            BlobState::Partial => return Err(StoreError::Incomplete(*id)),
+            BlobState::Quarantined => return Err(StoreError::Quarantined(*id)),
+        }
+        let path = self.blob_path(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::CorruptFile {
+                    id: *id,
+                    why: "blob file is missing".into(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("cannot open", &path)(e)),
+        };
+        let found = file
+            .metadata()
+            .map_err(StoreError::io("cannot stat", &path))?
+            .len();
+        if found != r.root.total_bytes {
+            return Err(StoreError::CorruptFile {
+                id: *id,
+                why: format!(
+                    "blob file has {found} bytes, manifest says {}",
+                    r.root.total_bytes
+                ),
+            });
+        }
+        let map = SealedMap::new(&file, found).map_err(StoreError::io("cannot map", &path))?;
+        Ok(BlobReader {
+            store: self,
+            id: *id,
+            root: r.root,
+            map,
+        })
+    }
+
+    /// Streams a blob's bytes to `sink`, verifying every chunk before it is
+    /// handed out; stops with [`StoreError::Corrupt`] at the first bad one
+    /// (which is never passed to `sink`) and quarantines the blob.
+    pub fn read_verified(
+        &self,
+        id: &BlobId,
+        progress: Option<&Progress>,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, StoreError> {
+        let reader = self.open_blob(id)?;
+        if let Some(p) = progress {
+            p.total.store(reader.root.total_bytes, Ordering::Relaxed);
+        }
+        let mut index = 0u64;
+        for page in 0..reader.root.pages.len() as u32 {
+            let entries = self.index.page(id, &reader.root, page)?;
+            let bytes = reader.map.bytes();
+            // Verify a page's chunks in parallel, then hand them out in order.
+            let bad = entries.par_iter().position_first(|e| {
+                ChunkHash::of(&bytes[e.offset as usize..e.end() as usize]) != e.hash
+            });
+            let good = bad.unwrap_or(entries.len());
+            if good > 0 {
+                let from = entries[0].offset as usize;
+                let to = entries[good - 1].end() as usize;
+                sink(&bytes[from..to]).map_err(|e| StoreError::Io {
+                    op: "cannot write output",
+                    path: PathBuf::from("-"),
+                    source: e,
+                })?;
+                if let Some(p) = progress {
+                    p.done.store(to as u64, Ordering::Relaxed);
+                }
+            }
+            if let Some(b) = bad {
+                let e = entries[b];
+                self.quarantine(id)?;
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    index: index + b as u64,
+                    offset: e.offset,
+                    len: e.len,
+                });
+            }
+            index += entries.len() as u64;
+        }
+        Ok(reader.root.total_bytes)
+    }
+
+    /// Writes a verified copy of a blob to `target` (via a temp file in the
+    /// same directory and a rename, so `target` is never half-written).
+    pub fn export(
+        &self,
+        id: &BlobId,
+        target: &Path,
+        progress: Option<&Progress>,
+    ) -> Result<u64, StoreError> {
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if target.is_dir() {
+            return Err(StoreError::Input {
+                path: target.to_path_buf(),
+                why: "is a directory; give the file name to write".into(),
+            });
+        }
+        let total = self.record(id)?.root.total_bytes;
+        let available =
+            sys::free_bytes(dir).map_err(StoreError::io("cannot stat filesystem of", dir))?;
+        if available < total {
+            return Err(StoreError::NoSpace {
+                path: dir.to_path_buf(),
+                needed: total,
+                available,
+            });
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = TempFiles::new(vec![
+            dir.join(format!(".{name}.vigo-export-{}", std::process::id())),
+        ]);
+        let out = File::create(&temp.paths[0])
+            .map_err(StoreError::io("cannot create", &temp.paths[0]))?;
+        let mut offset = 0u64;
+        let written = self.read_verified(id, progress, &mut |bytes| {
+            out.write_all_at(bytes, offset)?;
+            offset += bytes.len() as u64;
+            Ok(())
+        })?;
+        drop(out);
+        fs::rename(&temp.paths[0], target)
+            .map_err(StoreError::io("cannot rename export to", target))?;
+        temp.disarm();
+        Ok(written)
+    }
+
+    fn quarantine(&self, id: &BlobId) -> Result<(), StoreError> {
+        self.set_state(id, BlobState::Quarantined)
+    }
+
+    fn set_state(&self, id: &BlobId, state: BlobState) -> Result<(), StoreError> {
+        let _guard = self.seal_lock.lock().expect("seal lock poisoned");
+        let mut r = self.record(id)?;
+        if r.state == state {
+            return Ok(());
+        }
+        if state == BlobState::Quarantined {
+            tracing::warn!("quarantining corrupt blob {id}");
+        }
+        r.state = state;
+        let tx = self.index.write()?;
+        tx.put_blob(id, &r)?;
+        tx.commit()
+    }
+
+    /// Re-hashes every chunk of one blob (or of all sealed blobs) in parallel
+    /// against its manifest; with `full`, also the whole-content BLAKE3.
+    /// Corrupt blobs are quarantined; a quarantined blob that verifies clean
+    /// (say, after its file was repaired by re-adding) is served again.
+    pub fn verify(
+        &self,
+        only: Option<&BlobId>,
+        full: bool,
+        progress: Option<&Progress>,
+    ) -> Result<Vec<BlobVerdict>, StoreError> {
+        let targets: Vec<(BlobId, BlobRecord)> = match only {
+            Some(id) => vec![(*id, self.record(id)?)],
+            None => self.index.blobs()?,
+        };
+        let targets: Vec<_> = targets
+            .into_iter()
+            .filter(|(_, r)| r.state != BlobState::Partial)
+            .collect();
+        if let Some(p) = progress {
+            p.total.store(
+                targets.iter().map(|(_, r)| r.root.total_bytes).sum(),
+                Ordering::Relaxed,
+            );
+        }
+        let mut verdicts = Vec::new();
+        for (id, record) in targets {
+            let problems = self.verify_one(&id, &record.root, full, progress)?;
+            let wanted = if problems.is_empty() {
+                BlobState::Complete
+            } else {
+                BlobState::Quarantined
+            };
+            self.set_state(&id, wanted)?;
+            verdicts.push(BlobVerdict {
+                id,
+                bytes: record.root.total_bytes,
+                problems,
+            });
+        }
+        Ok(verdicts)
+    }
+
+    fn verify_one(
+        &self,
+        id: &BlobId,
+        root: &ManifestRoot,
+        full: bool,
+        progress: Option<&Progress>,
+    ) -> Result<Vec<Problem>, StoreError> {
+        let path = self.blob_path(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![Problem::MissingFile]),
+            Err(e) => return Ok(vec![Problem::Unreadable(e.to_string())]),
+        };
+        let found = file
+            .metadata()
+            .map_err(StoreError::io("cannot stat", &path))?
+            .len();
+        if found != root.total_bytes {
+            return Ok(vec![Problem::WrongLength {
+                expected: root.total_bytes,
+                found,
+            }]);
+        }
+        let map = SealedMap::new(&file, found).map_err(StoreError::io("cannot map", &path))?;
+        let bytes = map.bytes();
+        let mut problems = Vec::new();
+        let mut first_index = 0u64;
+        for page in 0..root.pages.len() as u32 {
+            let entries = match self.index.page(id, root, page) {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.push(Problem::Unreadable(e.to_string()));
+                    return Ok(problems);
+                }
+            };
+            let mut bad: Vec<Problem> = entries
+                .par_iter()
+                .enumerate()
+                .filter(|(_, e)| {
+                    ChunkHash::of(&bytes[e.offset as usize..e.end() as usize]) != e.hash
+                })
+                .map(|(i, e)| Problem::CorruptChunk {
+                    index: first_index + i as u64,
+                    offset: e.offset,
+                    len: e.len,
+                })
+                .collect();
+            problems.append(&mut bad);
+            first_index += entries.len() as u64;
+            if let Some(p) = progress {
+                p.done
+                    .fetch_add(root.pages[page as usize].byte_len, Ordering::Relaxed);
+            }
+        }
+        if full {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_rayon(bytes);
+            if ContentHash(*hasher.finalize().as_bytes()) != root.content_hash {
+                problems.push(Problem::ContentMismatch);
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Removes a blob: its index rows first (so it is never served again),
+    /// then its file, deleted whole. Chunks other blobs hold stay with them.
+    pub fn remove(&self, id: &BlobId) -> Result<(), StoreError> {
+        let _guard = self.seal_lock.lock().expect("seal lock poisoned");
+        let r = self.record(id)?;
+        let entries = if r.state == BlobState::Partial {
+            Vec::new()
+        } else {
+            self.all_entries(id, &r.root)?
+        };
+        let tx = self.index.write()?;
+        tx.remove_blob(id, &r.root, &entries)?;
+        tx.commit()?;
+        for path in [self.blob_path(id), self.partial_path(id)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("cannot remove", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    // ---- delta assembly and partial blobs ------------------------------
+
+    /// Which chunks of `manifest` are already held by some sealed blob.
+    pub fn plan(&self, manifest: &Manifest) -> Result<DeltaPlan, StoreError> {
+        let id = manifest.id();
+        let mut plan = DeltaPlan::default();
+        for e in manifest.entries()? {
+            if self.index.find_chunk(&e.hash, &id)?.is_some() {
+                plan.held_chunks += 1;
+                plan.held_bytes += u64::from(e.len);
+            } else {
+                plan.missing_chunks += 1;
+                plan.missing_bytes += u64::from(e.len);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Registers a blob to be assembled: a partial file of the full size and
+    /// an all-clear presence map. Idempotent: an existing partial blob keeps
+    /// its progress; a complete one is left alone.
+    pub fn begin_partial(
+        &self,
+        manifest: &Manifest,
+        owner: &Owner,
+    ) -> Result<BlobState, StoreError> {
+        let id = manifest.id();
+        let limits = &self.options.limits;
+        // Re-check what came from outside against this store's limits.
+        let manifest = Manifest::from_bundle(&manifest.to_bundle(), limits)?;
+        let _guard = self.seal_lock.lock().expect("seal lock poisoned");
+        if let Some(r) = self.index.blob(&id)? {
+            if r.state != BlobState::Partial {
+                let tx = self.index.write()?;
+                tx.add_owner(&id, owner)?;
+                tx.commit()?;
+            }
+            return Ok(r.state);
+        }
+        let total = manifest.root.total_bytes;
+        let available = sys::free_bytes(&self.dir)
+            .map_err(StoreError::io("cannot stat filesystem of", &self.dir))?;
+        if available < total + SPACE_MARGIN_BYTES {
+            return Err(StoreError::NoSpace {
+                path: self.dir.clone(),
+                needed: total + SPACE_MARGIN_BYTES,
+                available,
+            });
+        }
+        let path = self.partial_path(&id);
+        let file = File::create(&path).map_err(StoreError::io("cannot create", &path))?;
+        file.set_len(total)
+            .map_err(StoreError::io("cannot size", &path))?;
+        file.sync_all()
+            .map_err(StoreError::io("cannot sync", &path))?;
+        let partial_dir = self.dir.join(PARTIAL_DIR);
+        sys::sync_dir(&partial_dir).map_err(StoreError::io("cannot sync", &partial_dir))?;
+        let tx = self.index.write()?;
+        for (i, page) in manifest.pages.iter().enumerate() {
+            tx.put_page(&id, i as u32, page)?;
+        }
+        tx.put_blob(
+            &id,
+            &BlobRecord {
+                state: BlobState::Partial,
+                created_unix_s: now_unix_s(),
+                root: manifest.root.clone(),
+            },
+        )?;
+        tx.add_owner(&id, owner)?;
+        tx.commit()?;
+        Ok(BlobState::Partial)
+    }
+
+    /// Indices of the chunks a partial blob still lacks.
+    pub fn missing_chunks(&self, id: &BlobId) -> Result<Vec<u64>, StoreError> {
+        let r = self.record(id)?;
+        if r.state != BlobState::Partial {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut first = 0u64;
+        for (p, page) in r.root.pages.iter().enumerate() {
+            let bits = self.index.presence(id, p as u32)?.unwrap_or_default();
+            for i in 0..page.chunk_count as usize {
+                if !bit(&bits, i) {
+                    out.push(first + i as u64);
+                }
+            }
+            first += u64::from(page.chunk_count);
+        }
+        Ok(out)
+    }
+
+    /// Writes verified chunks of a partial blob: each must hash to its
+    /// manifest entry (else [`StoreError::BadChunk`] and nothing of it is
+    /// recorded). Durable on return: bytes are fsync'd before their presence
+    /// bits are committed.
+    pub fn write_chunks(&self, id: &BlobId, chunks: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        let _guard = self.partial_lock.lock().expect("partial lock poisoned");
+        let r = self.record(id)?;
+        if r.state != BlobState::Partial {
+            return Ok(());
+        }
+        let path = self.partial_path(id);
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("cannot open", &path))?;
+        let mut pages: HashMap<u32, Vec<ChunkEntry>> = HashMap::new();
+        let mut written: Vec<u64> = Vec::new();
+        for &(index, bytes) in chunks {
+            let page = (index / u64::from(crate::manifest::PAGE_CHUNKS)) as u32;
+            if page as usize >= r.root.pages.len() {
+                return Err(StoreError::BadChunk { id: *id, index });
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = pages.entry(page) {
+                v.insert(self.index.page(id, &r.root, page)?);
+            }
+            let e = pages[&page][(index % u64::from(crate::manifest::PAGE_CHUNKS)) as usize];
+            if bytes.len() != e.len as usize || ChunkHash::of(bytes) != e.hash {
+                return Err(StoreError::BadChunk { id: *id, index });
+            }
+            file.write_all_at(bytes, e.offset)
+                .map_err(StoreError::io("cannot write", &path))?;
+            written.push(index);
+        }
+        file.sync_data()
+            .map_err(StoreError::io("cannot sync", &path))?;
+        self.mark_present(id, &written)
+    }
+
+    fn mark_present(&self, id: &BlobId, indices: &[u64]) -> Result<(), StoreError> {
+        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
+        let mut by_page: HashMap<u32, Vec<usize>> = HashMap::new();
+        for &i in indices {
+            by_page
+                .entry((i / per_page) as u32)
+                .or_default()
+                .push((i % per_page) as usize);
+        }
+        let tx = self.index.write()?;
+        for (page, bits_set) in by_page {
+            let mut bits = self
+                .index
+                .presence(id, page)?
+                .unwrap_or_else(|| vec![0u8; per_page as usize / 8]);
+            for b in bits_set {
+                bits[b / 8] |= 1 << (b % 8);
+            }
+            tx.put_presence(id, page, &bits)?;
+        }
+        tx.commit()
+    }
+
+    /// Fills a partial blob from chunks already held by sealed blobs (copied
+    /// in the kernel with `copy_file_range` where possible, then read back
+    /// and verified before being marked present). Returns what is still
+    /// missing.
+    pub fn assemble_local(&self, id: &BlobId) -> Result<DeltaPlan, StoreError> {
+        let _guard = self.partial_lock.lock().expect("partial lock poisoned");
+        let r = self.record(id)?;
+        if r.state != BlobState::Partial {
+            return Ok(DeltaPlan::default());
+        }
+        let path = self.partial_path(id);
+        let dst = File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("cannot open", &path))?;
+        let mut plan = DeltaPlan::default();
+        let mut sources: HashMap<BlobId, File> = HashMap::new();
+        let mut index = 0u64;
+        for page in 0..r.root.pages.len() as u32 {
+            let entries = self.index.page(id, &r.root, page)?;
+            let bits = self.index.presence(id, page)?.unwrap_or_default();
+            let mut copied = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                let global = index + i as u64;
+                if bit(&bits, i) {
+                    plan.held_chunks += 1;
+                    plan.held_bytes += u64::from(e.len);
+                    continue;
+                }
+                let Some(loc) = self.index.find_chunk(&e.hash, id)? else {
+                    plan.missing_chunks += 1;
+                    plan.missing_bytes += u64::from(e.len);
+                    continue;
+                };
+                let src = match sources.entry(loc.blob) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let p = self.blob_path(&loc.blob);
+                        v.insert(File::open(&p).map_err(StoreError::io("cannot open", &p))?)
+                    }
+                };
+                sys::copy_range(src, loc.offset, &dst, e.offset, u64::from(e.len))
+                    .map_err(StoreError::io("cannot copy into", &path))?;
+                let mut back = vec![0u8; e.len as usize];
+                dst.read_exact_at(&mut back, e.offset)
+                    .map_err(StoreError::io("cannot read", &path))?;
+                if ChunkHash::of(&back) == e.hash {
+                    copied.push(global);
+                    plan.held_chunks += 1;
+                    plan.held_bytes += u64::from(e.len);
+                } else {
+                    // The source is corrupt at rest: stop serving it.
+                    drop(sources.remove(&loc.blob));
+                    self.set_state(&loc.blob, BlobState::Quarantined)?;
+                    plan.missing_chunks += 1;
+                    plan.missing_bytes += u64::from(e.len);
+                }
+            }
+            if !copied.is_empty() {
+                dst.sync_data()
+                    .map_err(StoreError::io("cannot sync", &path))?;
+                self.mark_present(id, &copied)?;
+            }
+            index += entries.len() as u64;
+        }
+        Ok(plan)
+    }
+
+    /// Seals a partial blob whose chunks are all present: fsync, rename into
+    /// `blobs/`, fsync the directory, then commit it complete with its chunk
+    /// locations. Refuses while chunks are missing.
+    pub fn seal_partial(&self, id: &BlobId) -> Result<(), StoreError> {
+        let _p = self.partial_lock.lock().expect("partial lock poisoned");
+        let missing = self.missing_chunks(id)?;
+        let r = self.record(id)?;
+        if r.state != BlobState::Partial {
+            return Ok(());
+        }
+        if !missing.is_empty() {
+            return Err(StoreError::Incomplete(*id));
+        }
+        let _s = self.seal_lock.lock().expect("seal lock poisoned");
+        let path = self.partial_path(id);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(StoreError::io("cannot sync", &path))?;
+        let entries = self.all_entries(id, &r.root)?;
+        let target = self.blob_path(id);
+        fs::rename(&path, &target).map_err(StoreError::io("cannot move blob into", &target))?;
+        for d in [BLOBS_DIR, PARTIAL_DIR] {
+            let d = self.dir.join(d);
+            sys::sync_dir(&d).map_err(StoreError::io("cannot sync", &d))?;
+        }
+        let tx = self.index.write()?;
+        tx.put_chunks(id, &entries)?;
+        tx.clear_presence(id, r.root.pages.len() as u32)?;
+        tx.put_blob(
+            id,
+            &BlobRecord {
+                state: BlobState::Complete,
+                created_unix_s: r.created_unix_s,
+                root: r.root,
+            },
+        )?;
+        tx.commit()
+    }
+}
+
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+fn now_unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn spool_path_hint(file: &Path) -> PathBuf {
+    file.with_extension("spool")
+}
+
+/// Read access to a sealed blob, handing out borrowed bytes (so a network
+/// layer can encrypt straight from them). Reading does not re-hash: chunks
+/// were verified when written, receivers verify again, and `verify` re-hashes
+/// at rest.
+pub struct BlobReader<'a> {
+    store: &'a Store,
+    id: BlobId,
+    root: ManifestRoot,
+    map: SealedMap,
+}
+
+impl BlobReader<'_> {
+    pub fn root(&self) -> &ManifestRoot {
+        &self.root
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.bytes()
+    }
+
+    /// Bytes `[offset, offset + len)`; `None` when out of range.
+    pub fn range(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
+        self.map.bytes().get(offset as usize..end as usize)
+    }
+
+    /// Entries of manifest page `page`.
+    pub fn page(&self, page: u32) -> Result<Vec<ChunkEntry>, StoreError> {
+        self.store.index.page(&self.id, &self.root, page)
+    }
+}
+
+/// Files deleted on drop unless disarmed: nothing half-written stays visible.
+struct TempFiles {
+    paths: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl TempFiles {
+    fn new(paths: Vec<PathBuf>) -> Self {
+        TempFiles { paths, armed: true }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        if self.armed {
+            for p in &self.paths {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+}
+
+// Keep the store shareable across threads (the daemon serves from many).
+const _: fn() = || {
+    fn assert_sync<T: Send + Sync>() {}
+    assert_sync::<Store>();
+};

@@ -1,0 +1,45 @@
+//! Everything platform-specific in the engine, and the only place `unsafe`
+//! is allowed. Each item here has the same name and meaning on every
+//! platform; the backend files are chosen by `cfg`:
+//!
+//! - `pool`: page-aligned slab buffers shared by the ingest pipeline and the
+//!   io_uring backend (registered buffers must not move or be freed while the
+//!   ring exists, so the pool owns them for its whole life).
+//! - `unix`: store lock with owner PID (`flock`), free space (`statvfs`),
+//!   opening a file for direct (cache-bypassing) writes, syncing a directory,
+//!   in-kernel copies (`copy_file_range` on Linux, read/write elsewhere),
+//!   memory maps of sealed files.
+//! - `uring` (Linux only): the io_uring writer and the probe that decides
+//!   whether it can run in this process.
+//! - `probe`: what the platform offers (kernel version, io_uring opcodes,
+//!   kernel TLS), for `envoy status` and the envoy's traits.
+
+pub mod pool;
+pub mod probe;
+mod unix;
+#[cfg(target_os = "linux")]
+pub mod uring;
+
+pub use unix::*;
+
+/// Stand-in for platforms without io_uring: it never starts, so `auto`
+/// selects the portable backend and forcing `uring` fails with this reason.
+#[cfg(not(target_os = "linux"))]
+pub mod uring {
+    use super::pool::SlabPool;
+    use std::sync::Arc;
+
+    pub const UNAVAILABLE: &str = "io_uring exists only on Linux";
+
+    #[derive(Debug)]
+    pub struct UringWriter;
+
+    impl UringWriter {
+        pub fn new(_pool: &Arc<SlabPool>) -> std::io::Result<Self> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                UNAVAILABLE,
+            ))
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Unix primitives the store needs, with the Linux fast paths behind `cfg`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// An exclusive, process-wide lock on a store directory. The kernel releases
+/// it when the process dies (even by SIGKILL), so no stale lock survives.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: Flock<File>,
+}
+
+/// Why a lock could not be taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds it; its PID when it wrote one.
+    Held(Option<u32>),
+    Io(io::Error),
+}
+
+/// Takes the lock file at `path` without waiting and records our PID in it.
+pub fn lock_exclusive(path: &Path) -> Result<DirLock, LockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(LockError::Io)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0).map_err(LockError::Io)?;
+            lock.seek(SeekFrom::Start(0)).map_err(LockError::Io)?;
+            write!(lock, "{}\n", std::process::id()).map_err(LockError::Io)?;
+            Ok(DirLock { _lock: lock })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Err(LockError::Held(text.trim().parse().ok()))
+        }
+        Err((_, errno)) => Err(LockError::Io(errno.into())),
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Makes a rename or create inside `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Logical block size direct writes must be aligned to; slabs are aligned to it.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+/// Creates a new file for the store's own writes. With `direct`, bypasses the
+/// page cache where the platform and filesystem allow it (O_DIRECT on Linux
+/// and FreeBSD); returns whether it did. A filesystem that refuses direct IO
+/// (tmpfs before 6.6, some FUSE) gets buffered writes instead.
+pub fn create_for_writing(path: &Path, direct: bool) -> io::Result<(File, bool)> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(flags)
+            .mode(0o644)
+            .open(path)
+    };
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    if direct {
+        match open(libc::O_DIRECT) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // O_DIRECT refused: the name may already exist; start clean.
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = direct;
+    Ok((open(0)?, false))
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`
+/// inside the kernel where it can (`copy_file_range`: no userspace copy, a
+/// reflink on filesystems that share extents), else through a buffer.
+pub fn copy_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut done = 0u64;
+        while done < len {
+            let mut from = (src_offset + done) as i64;
+            let mut to = (dst_offset + done) as i64;
+            match nix::fcntl::copy_file_range(
+                src,
+                Some(&mut from),
+                dst,
+                Some(&mut to),
+                (len - done) as usize,
+            ) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => done += n as u64,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(
+                    nix::errno::Errno::EXDEV
+                    | nix::errno::Errno::ENOSYS
+                    | nix::errno::Errno::EOPNOTSUPP,
+                ) if done == 0 => {
+                    return copy_range_buffered(src, src_offset, dst, dst_offset, len);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    copy_range_buffered(src, src_offset, dst, dst_offset, len)
+}
+
+fn copy_range_buffered(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        src.read_exact_at(&mut buf[..n], src_offset + done)?;
+        dst.write_all_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A read-only map of a sealed store file.
+///
+/// Mapping is safe here only because of how the store treats sealed files:
+/// they are written once, renamed into place, and afterwards never written,
+/// truncated or replaced in place — only unlinked whole — so no page of a
+/// live mapping can disappear (the usual SIGBUS cause) or change under a
+/// reader. The caller checks the file's length against the manifest before
+/// mapping. A media error on a mapped page still raises SIGBUS; the async
+/// network path reads into buffers instead (see ARCHITECTURE.md).
+#[derive(Debug)]
+pub struct SealedMap {
+    map: Option<memmap2::Mmap>,
+}
+
+impl SealedMap {
+    pub fn new(file: &File, len: u64) -> io::Result<Self> {
+        if len == 0 {
+            return Ok(SealedMap { map: None });
+        }
+        // SAFETY: see the type's documentation: sealed files are immutable
+        // and never truncated while the store owns them.
+        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(SealedMap { map: Some(map) })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// The real user id of this process (the owner recorded for CLI adds).
+pub fn current_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
