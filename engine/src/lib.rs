@@ -9,6 +9,7 @@ mod index;
 mod ingest;
 pub mod io;
 pub mod manifest;
+pub mod mem;
 pub mod store;
 #[allow(unsafe_code)] // reason: the one module where unsafe lives, see its docs
 pub mod sys;
