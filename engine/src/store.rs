@@ -380,6 +380,25 @@ impl Store {
             .into_iter()
             .map(|(id, r)| (id, r.state))
             .collect();
+        // A crash inside `seal_partial` between its rename and its commit
+        // leaves a partial record whose file already sits in `blobs/`: move
+        // it back (its presence bits are all set, so sealing just repeats).
+        // A partial record with no file at all restarts from nothing.
+        for (id, state) in &known {
+            if *state != BlobState::Partial || self.partial_path(id).exists() {
+                continue;
+            }
+            if self.blob_path(id).exists() {
+                fs::rename(self.blob_path(id), self.partial_path(id))
+                    .map_err(StoreError::io("cannot restore", &self.partial_path(id)))?;
+            } else {
+                let r = self.record(id)?;
+                self.create_partial_file(id, r.root.total_bytes)?;
+                let tx = self.index.write()?;
+                tx.clear_presence(id, r.root.pages.len() as u32)?;
+                tx.commit()?;
+            }
+        }
         for (sub, wanted) in [(BLOBS_DIR, false), (PARTIAL_DIR, true)] {
             let d = self.dir.join(sub);
             for entry in fs::read_dir(&d).map_err(StoreError::io("cannot list", &d))? {
@@ -963,14 +982,7 @@ impl Store {
                 available,
             });
         }
-        let path = self.partial_path(&id);
-        let file = File::create(&path).map_err(StoreError::io("cannot create", &path))?;
-        file.set_len(total)
-            .map_err(StoreError::io("cannot size", &path))?;
-        file.sync_all()
-            .map_err(StoreError::io("cannot sync", &path))?;
-        let partial_dir = self.dir.join(PARTIAL_DIR);
-        sys::sync_dir(&partial_dir).map_err(StoreError::io("cannot sync", &partial_dir))?;
+        self.create_partial_file(&id, total)?;
         let tx = self.index.write()?;
         for (i, page) in manifest.pages.iter().enumerate() {
             tx.put_page(&id, i as u32, page)?;
@@ -986,6 +998,17 @@ impl Store {
         tx.add_owner(&id, owner)?;
         tx.commit()?;
         Ok(BlobState::Partial)
+    }
+
+    fn create_partial_file(&self, id: &BlobId, total: u64) -> Result<(), StoreError> {
+        let path = self.partial_path(id);
+        let file = File::create(&path).map_err(StoreError::io("cannot create", &path))?;
+        file.set_len(total)
+            .map_err(StoreError::io("cannot size", &path))?;
+        file.sync_all()
+            .map_err(StoreError::io("cannot sync", &path))?;
+        let partial_dir = self.dir.join(PARTIAL_DIR);
+        sys::sync_dir(&partial_dir).map_err(StoreError::io("cannot sync", &partial_dir))
     }
 
     /// Indices of the chunks a partial blob still lacks.

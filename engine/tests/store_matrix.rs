@@ -409,3 +409,51 @@ fn manifests_from_outside_are_checked_against_store_limits() {
     let m: Manifest = big;
     assert!(store.list().unwrap().is_empty(), "{:?}", m.id());
 }
+
+#[test]
+fn open_finishes_or_restarts_an_interrupted_seal() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let data = random(&mut rng, 300_000);
+    let params = ChunkerParams::with_avg(4096).unwrap();
+    let options = StoreOptions {
+        chunker: params,
+        ..StoreOptions::default()
+    };
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let id = m.id();
+    let entries = m.entries().unwrap();
+    let all: Vec<(u64, &[u8])> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i as u64, &data[e.offset as usize..e.end() as usize]))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    {
+        let store = Store::open(&dir, options.clone()).unwrap();
+        store.begin_partial(&m, &owner()).unwrap();
+        store.write_chunks(&id, &all).unwrap();
+    }
+    // Crash after seal's rename, before its commit.
+    fs::rename(
+        dir.join("partial").join(id.to_hex()),
+        dir.join("blobs").join(id.to_hex()),
+    )
+    .unwrap();
+    {
+        let store = Store::open(&dir, options.clone()).unwrap();
+        assert!(store.missing_chunks(&id).unwrap().is_empty());
+        store.seal_partial(&id).unwrap();
+        assert_eq!(read_all(&store, &id).unwrap(), data);
+        store.remove(&id).unwrap();
+        store.begin_partial(&m, &owner()).unwrap();
+        store.write_chunks(&id, &all[..3]).unwrap();
+    }
+    // The partial file vanished: restart that blob from nothing.
+    fs::remove_file(dir.join("partial").join(id.to_hex())).unwrap();
+    let store = Store::open(&dir, options).unwrap();
+    assert_eq!(store.missing_chunks(&id).unwrap().len(), entries.len());
+    store.write_chunks(&id, &all).unwrap();
+    store.seal_partial(&id).unwrap();
+    assert_eq!(read_all(&store, &id).unwrap(), data);
+}
