@@ -286,7 +286,7 @@ fn write_stage(
             .map_err(IngestError::Write)?;
     }
     writer.drain().map_err(IngestError::Write)?;
-    if sink.direct && end % DIRECT_ALIGN != 0 {
+    if sink.direct && !end.is_multiple_of(DIRECT_ALIGN) {
         // Drop the zero padding of the last direct write. The file is still
         // private to this ingest (not yet sealed or mapped), so this
         // truncation cannot pull pages from under a reader.

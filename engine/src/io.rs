@@ -70,8 +70,9 @@ pub const INGEST_SLABS: usize = 8;
 /// Bytes per slab: one direct write each. Must hold the largest chunk.
 pub const SLAB_BYTES: usize = 4 << 20;
 const _: () =
-    assert!(SLAB_BYTES >= 2 * crate::chunker::ChunkerParams::MAX_CHUNK_BYTES_MAX as usize / 2);
-const _: () = assert!(SLAB_BYTES % crate::sys::pool::SLAB_ALIGN == 0);
+    // A full block after an undecided tail must cover a whole cut window.
+    assert!(SLAB_BYTES >= crate::chunker::ChunkerParams::MAX_CHUNK_BYTES_MAX as usize);
+const _: () = assert!(SLAB_BYTES.is_multiple_of(crate::sys::pool::SLAB_ALIGN));
 
 /// Probes the backend `mode` allows by doing what an ingest will do: set up
 /// a ring and register a full ingest pool.

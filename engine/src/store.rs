@@ -702,6 +702,10 @@ impl Store {
         let mut index = 0u64;
         for page in 0..reader.root.pages.len() as u32 {
             let entries = self.index.page(id, &reader.root, page)?;
+            let page_ref = reader.root.pages[page as usize];
+            reader
+                .map
+                .prefetch(page_ref.first_offset, page_ref.byte_len);
             let bytes = reader.map.bytes();
             // Verify a page's chunks in parallel, then hand them out in order.
             let bad = entries.par_iter().position_first(|e| {
@@ -881,6 +885,8 @@ impl Store {
                     return Ok(problems);
                 }
             };
+            let page_ref = root.pages[page as usize];
+            map.prefetch(page_ref.first_offset, page_ref.byte_len);
             let mut bad: Vec<Problem> = entries
                 .par_iter()
                 .enumerate()
