@@ -10,6 +10,9 @@
 //!   removing a blob removes exactly its own values.
 //! - `presence`: (blob id, page index) → bitmap of chunks written, for partial blobs.
 //! - `owners` (multimap): blob id → `"uid:subsystem"`.
+//! - `sealing`: blob id → manifest root, while a seal or removal is writing
+//!   rows in unsynced batches; `Store::open` removes the rows of any blob
+//!   still listed (the operation did not finish).
 
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
@@ -31,6 +34,7 @@ const CHUNKS: MultimapTableDefinition<&[u8; 32], &[u8; 44]> =
     MultimapTableDefinition::new("chunks");
 const PRESENCE: TableDefinition<(&[u8; 32], u32), &[u8]> = TableDefinition::new("presence");
 const OWNERS: MultimapTableDefinition<&[u8; 32], &str> = MultimapTableDefinition::new("owners");
+const SEALING: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("sealing");
 
 const RECORD_VERSION: u8 = 1;
 /// redb page cache: enough for the hot B-tree levels; kept small so the
@@ -140,6 +144,7 @@ impl Index {
             tx.open_multimap_table(CHUNKS).map_err(ierr)?;
             tx.open_table(PRESENCE).map_err(ierr)?;
             tx.open_multimap_table(OWNERS).map_err(ierr)?;
+            tx.open_table(SEALING).map_err(ierr)?;
         }
         tx.commit().map_err(ierr)?;
         Ok(index)
@@ -179,12 +184,30 @@ impl Index {
     }
 
     pub fn page_bytes(&self, id: &BlobId, i: u32) -> Result<Vec<u8>, StoreError> {
+        self.page_bytes_opt(id, i)?
+            .ok_or_else(|| StoreError::CorruptIndex(format!("blob {id}: manifest page {i} missing")))
+    }
+
+    pub fn page_bytes_opt(&self, id: &BlobId, i: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(ierr)?;
         let t = tx.open_table(PAGES).map_err(ierr)?;
-        let v = t.get((&id.0, i)).map_err(ierr)?.ok_or_else(|| {
-            StoreError::CorruptIndex(format!("blob {id}: manifest page {i} missing"))
-        })?;
-        Ok(v.value().to_vec())
+        Ok(t.get((&id.0, i)).map_err(ierr)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Blobs whose seal or removal did not finish, with their roots.
+    pub fn sealing(&self) -> Result<Vec<(BlobId, ManifestRoot)>, StoreError> {
+        let tx = self.db.begin_read().map_err(ierr)?;
+        let t = tx.open_table(SEALING).map_err(ierr)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(ierr)? {
+            let (k, v) = row.map_err(ierr)?;
+            let id = BlobId(*k.value());
+            let limits = ManifestLimits { total_bytes_max: u64::MAX };
+            let root = ManifestRoot::decode(v.value(), &limits)
+                .map_err(|e| StoreError::CorruptIndex(format!("sealing marker of {id}: {e}")))?;
+            out.push((id, root));
+        }
+        Ok(out)
     }
 
     pub fn owners(&self, id: &BlobId) -> Result<Vec<Owner>, StoreError> {
@@ -293,13 +316,26 @@ impl Tx {
         Ok(())
     }
 
-    /// Removes every row of `id`; `entries` are its chunks (from its pages).
-    pub fn remove_blob(
-        &self,
-        id: &BlobId,
-        root: &ManifestRoot,
-        entries: &[ChunkEntry],
-    ) -> Result<(), StoreError> {
+    /// Marks (with its root) or unmarks a blob whose rows are being written
+    /// or removed in unsynced batches.
+    pub fn set_sealing(&self, id: &BlobId, root: Option<&ManifestRoot>) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(SEALING).map_err(ierr)?;
+        match root {
+            Some(r) => t.insert(&id.0, r.encode().as_slice()).map_err(ierr)?,
+            None => t.remove(&id.0).map_err(ierr)?,
+        };
+        Ok(())
+    }
+
+    /// Removes a blob's record and owners (it is no longer listed or served).
+    pub fn remove_record(&self, id: &BlobId) -> Result<(), StoreError> {
+        self.tx.open_multimap_table(OWNERS).map_err(ierr)?.remove_all(&id.0).map_err(ierr)?;
+        self.tx.open_table(BLOBS).map_err(ierr)?.remove(&id.0).map_err(ierr)?;
+        Ok(())
+    }
+
+    /// Removes page `i` of `id` with its chunk locations and presence bits.
+    pub fn remove_page(&self, id: &BlobId, i: u32, entries: &[ChunkEntry]) -> Result<(), StoreError> {
         {
             let mut chunks = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
             for e in entries {
@@ -308,29 +344,19 @@ impl Tx {
                     offset: e.offset,
                     len: e.len,
                 };
-                chunks
-                    .remove(&e.hash.0, &encode_location(&loc))
-                    .map_err(ierr)?;
+                chunks.remove(&e.hash.0, &encode_location(&loc)).map_err(ierr)?;
             }
         }
-        {
-            let mut pages = self.tx.open_table(PAGES).map_err(ierr)?;
-            for p in 0..root.pages.len() as u32 {
-                pages.remove((&id.0, p)).map_err(ierr)?;
-            }
-        }
-        self.clear_presence(id, root.pages.len() as u32)?;
-        self.tx
-            .open_multimap_table(OWNERS)
-            .map_err(ierr)?
-            .remove_all(&id.0)
-            .map_err(ierr)?;
-        self.tx
-            .open_table(BLOBS)
-            .map_err(ierr)?
-            .remove(&id.0)
-            .map_err(ierr)?;
+        self.tx.open_table(PAGES).map_err(ierr)?.remove((&id.0, i)).map_err(ierr)?;
+        self.tx.open_table(PRESENCE).map_err(ierr)?.remove((&id.0, i)).map_err(ierr)?;
         Ok(())
+    }
+
+    /// Commits without fsync: lost on a crash unless a later durable commit
+    /// follows (redb `Durability::None`).
+    pub fn commit_unsynced(mut self) -> Result<(), StoreError> {
+        self.tx.set_durability(redb::Durability::None).map_err(ierr)?;
+        self.tx.commit().map_err(ierr)
     }
 
     pub fn commit(self) -> Result<(), StoreError> {

@@ -309,6 +309,9 @@ const PARTIAL_DIR: &str = "partial";
 const TMP_DIR: &str = "tmp";
 /// Room for manifest spool and index growth beyond the content itself.
 const SPACE_MARGIN_BYTES: u64 = 16 << 20;
+/// Manifest pages per index transaction when sealing or removing: bounds the
+/// transaction's dirty memory (~3 MiB for 8 pages of 4096 chunks).
+const PAGES_PER_TX: u32 = 8;
 
 impl Store {
     /// Opens (creating if needed) the store at `dir`, takes its lock, checks
@@ -373,6 +376,14 @@ impl Store {
         for entry in fs::read_dir(&tmp).map_err(StoreError::io("cannot list", &tmp))? {
             let entry = entry.map_err(StoreError::io("cannot list", &tmp))?;
             let _ = fs::remove_file(entry.path());
+        }
+        for (id, root) in self.index.sealing()? {
+            tracing::info!("undoing the interrupted seal or removal of {id}");
+            self.remove_page_rows(&id, &root)?;
+            let tx = self.index.write()?;
+            tx.remove_record(&id)?;
+            tx.set_sealing(&id, None)?;
+            tx.commit()?;
         }
         let known: HashMap<BlobId, BlobState> = self
             .index
@@ -507,8 +518,8 @@ impl Store {
         drop(file);
         let root = ingested.root;
         let id = root.id();
-        let already_present =
-            self.seal_from_spool(&id, &root, &temp.paths[0], &mut spool, owner)?;
+        drop(spool);
+        let already_present = self.seal_from_spool(&id, &root, &temp.paths[0], &temp.paths[1], owner)?;
         Ok(AddReport {
             id,
             content_hash: root.content_hash,
@@ -527,43 +538,48 @@ impl Store {
         id: &BlobId,
         root: &ManifestRoot,
         file: &Path,
-        spool: &mut File,
+        spool_path: &Path,
         owner: &Owner,
     ) -> Result<bool, StoreError> {
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
         let existing = self.index.blob(id)?;
-        if existing
-            .as_ref()
-            .is_some_and(|r| r.state == BlobState::Complete)
-        {
+        if existing.as_ref().is_some_and(|r| r.state == BlobState::Complete) {
             let tx = self.index.write()?;
             tx.add_owner(id, owner)?;
             tx.commit()?;
             return Ok(true);
         }
-        let tx = self.index.write()?;
         if let Some(old) = &existing {
-            // A quarantined or partial copy: replace its rows wholesale.
-            let entries = self.all_entries(id, &old.root)?;
-            tx.remove_blob(id, &old.root, &entries)?;
+            // A quarantined or partial copy: drop its rows wholesale first.
+            self.remove_rows(id, &old.root)?;
             let _ = fs::remove_file(self.partial_path(id));
         }
-        let spool_path = spool_path_hint(file);
-        let mut reader = BufReader::with_capacity(1 << 20, &mut *spool);
-        io::Seek::seek(&mut reader, io::SeekFrom::Start(0))
-            .map_err(StoreError::io("cannot read", &spool_path))?;
+        // Mark the seal durably so `open` can undo a half-done one: the
+        // page and chunk rows go in bounded, unsynced batches (memory stays
+        // flat for any blob size) and only the last commit makes them count.
+        let tx = self.index.write()?;
+        tx.set_sealing(id, Some(root))?;
+        tx.commit()?;
+        let spool = File::open(spool_path).map_err(StoreError::io("cannot open", spool_path))?;
+        let mut reader = BufReader::with_capacity(1 << 20, spool);
+        let mut tx = self.index.write()?;
         for i in 0..root.pages.len() as u32 {
             let mut len = [0u8; 4];
+            let mut page = Vec::new();
             reader
                 .read_exact(&mut len)
-                .map_err(StoreError::io("cannot read", &spool_path))?;
-            let mut page = vec![0u8; u32::from_le_bytes(len) as usize];
-            reader
-                .read_exact(&mut page)
-                .map_err(StoreError::io("cannot read", &spool_path))?;
+                .and_then(|()| {
+                    page.resize(u32::from_le_bytes(len) as usize, 0);
+                    reader.read_exact(&mut page)
+                })
+                .map_err(StoreError::io("cannot read", spool_path))?;
             let entries = root.decode_page(i as usize, &page)?;
             tx.put_page(id, i, &page)?;
             tx.put_chunks(id, &entries)?;
+            if (i + 1) % PAGES_PER_TX == 0 {
+                tx.commit_unsynced()?;
+                tx = self.index.write()?;
+            }
         }
         tx.put_blob(
             id,
@@ -574,6 +590,7 @@ impl Store {
             },
         )?;
         tx.add_owner(id, owner)?;
+        tx.set_sealing(id, None)?;
         let target = self.blob_path(id);
         // A quarantined copy is replaced by rename: readers that still map
         // the old file keep its (old) inode; nothing is truncated.
@@ -584,13 +601,35 @@ impl Store {
         Ok(false)
     }
 
-    /// Every chunk entry of a blob, page by page from the index.
-    fn all_entries(&self, id: &BlobId, root: &ManifestRoot) -> Result<Vec<ChunkEntry>, StoreError> {
-        let mut out = Vec::with_capacity(root.chunk_count as usize);
+    /// Removes every index row of a blob: the record first (so a crash
+    /// midway leaves nothing listed or served), then its pages in bounded
+    /// batches. The sealing marker lets `open` finish an interrupted removal.
+    fn remove_rows(&self, id: &BlobId, root: &ManifestRoot) -> Result<(), StoreError> {
+        let tx = self.index.write()?;
+        tx.set_sealing(id, Some(root))?;
+        tx.remove_record(id)?;
+        tx.commit()?;
+        self.remove_page_rows(id, root)?;
+        let tx = self.index.write()?;
+        tx.set_sealing(id, None)?;
+        tx.commit()
+    }
+
+    /// Removes the pages, chunk locations and presence bits of `id` listed
+    /// by `root`, tolerating rows that were never written.
+    fn remove_page_rows(&self, id: &BlobId, root: &ManifestRoot) -> Result<(), StoreError> {
+        let mut tx = self.index.write()?;
         for i in 0..root.pages.len() as u32 {
-            out.extend(self.index.page(id, root, i)?);
+            if let Some(bytes) = self.index.page_bytes_opt(id, i)? {
+                let entries = root.decode_page(i as usize, &bytes).unwrap_or_default();
+                tx.remove_page(id, i, &entries)?;
+            }
+            if (i + 1) % PAGES_PER_TX == 0 {
+                tx.commit_unsynced()?;
+                tx = self.index.write()?;
+            }
         }
-        Ok(out)
+        tx.commit()
     }
 
     fn record(&self, id: &BlobId) -> Result<BlobRecord, StoreError> {
@@ -921,14 +960,7 @@ impl Store {
     pub fn remove(&self, id: &BlobId) -> Result<(), StoreError> {
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
         let r = self.record(id)?;
-        let entries = if r.state == BlobState::Partial {
-            Vec::new()
-        } else {
-            self.all_entries(id, &r.root)?
-        };
-        let tx = self.index.write()?;
-        tx.remove_blob(id, &r.root, &entries)?;
-        tx.commit()?;
+        self.remove_rows(id, &r.root)?;
         for path in [self.blob_path(id), self.partial_path(id)] {
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -1185,15 +1217,23 @@ impl Store {
         File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(StoreError::io("cannot sync", &path))?;
-        let entries = self.all_entries(id, &r.root)?;
         let target = self.blob_path(id);
         fs::rename(&path, &target).map_err(StoreError::io("cannot move blob into", &target))?;
         for d in [BLOBS_DIR, PARTIAL_DIR] {
             let d = self.dir.join(d);
             sys::sync_dir(&d).map_err(StoreError::io("cannot sync", &d))?;
         }
-        let tx = self.index.write()?;
-        tx.put_chunks(id, &entries)?;
+        // Chunk locations in bounded unsynced batches; rows left by a crash
+        // before the final commit point at a partial blob, which lookups
+        // skip, and are rewritten by the next seal.
+        let mut tx = self.index.write()?;
+        for i in 0..r.root.pages.len() as u32 {
+            tx.put_chunks(id, &self.index.page(id, &r.root, i)?)?;
+            if (i + 1) % PAGES_PER_TX == 0 {
+                tx.commit_unsynced()?;
+                tx = self.index.write()?;
+            }
+        }
         tx.clear_presence(id, r.root.pages.len() as u32)?;
         tx.put_blob(
             id,
@@ -1216,10 +1256,6 @@ fn now_unix_s() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn spool_path_hint(file: &Path) -> PathBuf {
-    file.with_extension("spool")
 }
 
 /// Read access to a sealed blob, handing out borrowed bytes (so a network

@@ -457,3 +457,44 @@ fn open_finishes_or_restarts_an_interrupted_seal() {
     store.seal_partial(&id).unwrap();
     assert_eq!(read_all(&store, &id).unwrap(), data);
 }
+
+#[test]
+fn open_finishes_an_interrupted_removal() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let vs = variants(&mut rng, 1 << 20);
+    let params = ChunkerParams::with_avg(4096).unwrap();
+    let options = StoreOptions {
+        chunker: params,
+        ..StoreOptions::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let (a, b) = {
+        let store = Store::open(&dir, options.clone()).unwrap();
+        let a = add_bytes(&store, tmp.path(), "a", &vs[0]).id;
+        let b = add_bytes(&store, tmp.path(), "b", &vs[1]).id;
+        (a, b)
+    };
+    // What a crash leaves after the removal's first commit: the marker set,
+    // the record gone, pages and chunk rows still there.
+    {
+        let db = redb::Database::open(dir.join("index.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut blobs = tx.open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("blobs")).unwrap();
+            let record = blobs.remove(&a.0).unwrap().unwrap().value().to_vec();
+            let mut sealing = tx.open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("sealing")).unwrap();
+            sealing.insert(&a.0, &record[10..]).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&dir, options.clone()).unwrap();
+    assert!(matches!(store.info(&a), Err(StoreError::NotFound(_))));
+    assert!(!dir.join("blobs").join(a.to_hex()).exists(), "unknown file deleted");
+    // Only b's chunks are held now: exactly what the oracle says.
+    let oracle = MemStore::new(Chunker::new(params).unwrap());
+    oracle.add(&vs[1]);
+    let ma = MemStore::manifest_of(&Chunker::new(params).unwrap(), &vs[0]);
+    assert_eq!(store.plan(&ma).unwrap(), oracle.plan(&ma));
+    assert_eq!(read_all(&store, &b).unwrap(), vs[1]);
+}
