@@ -34,9 +34,9 @@ impl ChunkerParams {
     /// "Chunk size"): small enough that an upgraded image moves few bytes,
     /// large enough that per-chunk index and hashing overhead stays small.
     pub const DEFAULT: ChunkerParams = ChunkerParams {
-        min_bytes: 16 * 1024,
-        avg_bytes: 32 * 1024,
-        max_bytes: 128 * 1024,
+        min_bytes: 2 * 1024,
+        avg_bytes: 8 * 1024,
+        max_bytes: 32 * 1024,
     };
 
     /// Largest chunk any accepted parameter set may produce; bounds buffers

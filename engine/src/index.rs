@@ -184,8 +184,9 @@ impl Index {
     }
 
     pub fn page_bytes(&self, id: &BlobId, i: u32) -> Result<Vec<u8>, StoreError> {
-        self.page_bytes_opt(id, i)?
-            .ok_or_else(|| StoreError::CorruptIndex(format!("blob {id}: manifest page {i} missing")))
+        self.page_bytes_opt(id, i)?.ok_or_else(|| {
+            StoreError::CorruptIndex(format!("blob {id}: manifest page {i} missing"))
+        })
     }
 
     pub fn page_bytes_opt(&self, id: &BlobId, i: u32) -> Result<Option<Vec<u8>>, StoreError> {
@@ -202,7 +203,9 @@ impl Index {
         for row in t.iter().map_err(ierr)? {
             let (k, v) = row.map_err(ierr)?;
             let id = BlobId(*k.value());
-            let limits = ManifestLimits { total_bytes_max: u64::MAX };
+            let limits = ManifestLimits {
+                total_bytes_max: u64::MAX,
+            };
             let root = ManifestRoot::decode(v.value(), &limits)
                 .map_err(|e| StoreError::CorruptIndex(format!("sealing marker of {id}: {e}")))?;
             out.push((id, root));
@@ -283,9 +286,12 @@ impl Tx {
     }
 
     /// Records where each chunk of a sealed blob lives.
-    pub fn put_chunks(&self, id: &BlobId, entries: &[ChunkEntry]) -> Result<(), StoreError> {
+    /// Inserts in key order: chunk hashes are uniformly random, and sorted
+    /// inserts walk the B-tree once instead of touching a random leaf each.
+    pub fn put_chunks(&self, id: &BlobId, entries: &mut [ChunkEntry]) -> Result<(), StoreError> {
+        entries.sort_unstable_by_key(|e| e.hash);
         let mut t = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
-        for e in entries {
+        for e in entries.iter() {
             let loc = ChunkLocation {
                 blob: *id,
                 offset: e.offset,
@@ -329,13 +335,26 @@ impl Tx {
 
     /// Removes a blob's record and owners (it is no longer listed or served).
     pub fn remove_record(&self, id: &BlobId) -> Result<(), StoreError> {
-        self.tx.open_multimap_table(OWNERS).map_err(ierr)?.remove_all(&id.0).map_err(ierr)?;
-        self.tx.open_table(BLOBS).map_err(ierr)?.remove(&id.0).map_err(ierr)?;
+        self.tx
+            .open_multimap_table(OWNERS)
+            .map_err(ierr)?
+            .remove_all(&id.0)
+            .map_err(ierr)?;
+        self.tx
+            .open_table(BLOBS)
+            .map_err(ierr)?
+            .remove(&id.0)
+            .map_err(ierr)?;
         Ok(())
     }
 
     /// Removes page `i` of `id` with its chunk locations and presence bits.
-    pub fn remove_page(&self, id: &BlobId, i: u32, entries: &[ChunkEntry]) -> Result<(), StoreError> {
+    pub fn remove_page(
+        &self,
+        id: &BlobId,
+        i: u32,
+        entries: &[ChunkEntry],
+    ) -> Result<(), StoreError> {
         {
             let mut chunks = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
             for e in entries {
@@ -344,18 +363,30 @@ impl Tx {
                     offset: e.offset,
                     len: e.len,
                 };
-                chunks.remove(&e.hash.0, &encode_location(&loc)).map_err(ierr)?;
+                chunks
+                    .remove(&e.hash.0, &encode_location(&loc))
+                    .map_err(ierr)?;
             }
         }
-        self.tx.open_table(PAGES).map_err(ierr)?.remove((&id.0, i)).map_err(ierr)?;
-        self.tx.open_table(PRESENCE).map_err(ierr)?.remove((&id.0, i)).map_err(ierr)?;
+        self.tx
+            .open_table(PAGES)
+            .map_err(ierr)?
+            .remove((&id.0, i))
+            .map_err(ierr)?;
+        self.tx
+            .open_table(PRESENCE)
+            .map_err(ierr)?
+            .remove((&id.0, i))
+            .map_err(ierr)?;
         Ok(())
     }
 
     /// Commits without fsync: lost on a crash unless a later durable commit
     /// follows (redb `Durability::None`).
     pub fn commit_unsynced(mut self) -> Result<(), StoreError> {
-        self.tx.set_durability(redb::Durability::None).map_err(ierr)?;
+        self.tx
+            .set_durability(redb::Durability::None)
+            .map_err(ierr)?;
         self.tx.commit().map_err(ierr)
     }
 

@@ -310,8 +310,8 @@ const TMP_DIR: &str = "tmp";
 /// Room for manifest spool and index growth beyond the content itself.
 const SPACE_MARGIN_BYTES: u64 = 16 << 20;
 /// Manifest pages per index transaction when sealing or removing: bounds the
-/// transaction's dirty memory (~3 MiB for 8 pages of 4096 chunks).
-const PAGES_PER_TX: u32 = 8;
+/// transaction's dirty memory (~12 MiB for 32 pages of 4096 chunks).
+const PAGES_PER_TX: u32 = 32;
 
 impl Store {
     /// Opens (creating if needed) the store at `dir`, takes its lock, checks
@@ -506,6 +506,7 @@ impl Store {
             direct,
             backend: self.io.backend,
         };
+        let started = std::time::Instant::now();
         let ingested = ingest::ingest(&source, sink, &self.chunker, &mut spool, counter).map_err(
             |e| match e {
                 IngestError::Read(e) => input_err(format!("read failed: {e}")),
@@ -519,7 +520,15 @@ impl Store {
         let root = ingested.root;
         let id = root.id();
         drop(spool);
-        let already_present = self.seal_from_spool(&id, &root, &temp.paths[0], &temp.paths[1], owner)?;
+        let ingest_s = started.elapsed().as_secs_f64();
+        let already_present =
+            self.seal_from_spool(&id, &root, &temp.paths[0], &temp.paths[1], owner)?;
+        tracing::info!(
+            "added {id}: {} bytes, {} chunks; chunk+hash+write {ingest_s:.2}s, seal {:.2}s",
+            root.total_bytes,
+            root.chunk_count,
+            started.elapsed().as_secs_f64() - ingest_s
+        );
         Ok(AddReport {
             id,
             content_hash: root.content_hash,
@@ -543,7 +552,10 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
         let existing = self.index.blob(id)?;
-        if existing.as_ref().is_some_and(|r| r.state == BlobState::Complete) {
+        if existing
+            .as_ref()
+            .is_some_and(|r| r.state == BlobState::Complete)
+        {
             let tx = self.index.write()?;
             tx.add_owner(id, owner)?;
             tx.commit()?;
@@ -562,6 +574,7 @@ impl Store {
         tx.commit()?;
         let spool = File::open(spool_path).map_err(StoreError::io("cannot open", spool_path))?;
         let mut reader = BufReader::with_capacity(1 << 20, spool);
+        let mut batch = Vec::with_capacity((PAGES_PER_TX * crate::manifest::PAGE_CHUNKS) as usize);
         let mut tx = self.index.write()?;
         for i in 0..root.pages.len() as u32 {
             let mut len = [0u8; 4];
@@ -573,14 +586,16 @@ impl Store {
                     reader.read_exact(&mut page)
                 })
                 .map_err(StoreError::io("cannot read", spool_path))?;
-            let entries = root.decode_page(i as usize, &page)?;
+            batch.extend(root.decode_page(i as usize, &page)?);
             tx.put_page(id, i, &page)?;
-            tx.put_chunks(id, &entries)?;
             if (i + 1) % PAGES_PER_TX == 0 {
+                tx.put_chunks(id, &mut batch)?;
+                batch.clear();
                 tx.commit_unsynced()?;
                 tx = self.index.write()?;
             }
         }
+        tx.put_chunks(id, &mut batch)?;
         tx.put_blob(
             id,
             &BlobRecord {
@@ -1227,13 +1242,17 @@ impl Store {
         // before the final commit point at a partial blob, which lookups
         // skip, and are rewritten by the next seal.
         let mut tx = self.index.write()?;
+        let mut batch = Vec::new();
         for i in 0..r.root.pages.len() as u32 {
-            tx.put_chunks(id, &self.index.page(id, &r.root, i)?)?;
+            batch.extend(self.index.page(id, &r.root, i)?);
             if (i + 1) % PAGES_PER_TX == 0 {
+                tx.put_chunks(id, &mut batch)?;
+                batch.clear();
                 tx.commit_unsynced()?;
                 tx = self.index.write()?;
             }
         }
+        tx.put_chunks(id, &mut batch)?;
         tx.clear_presence(id, r.root.pages.len() as u32)?;
         tx.put_blob(
             id,

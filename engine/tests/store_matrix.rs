@@ -481,16 +481,23 @@ fn open_finishes_an_interrupted_removal() {
         let db = redb::Database::open(dir.join("index.redb")).unwrap();
         let tx = db.begin_write().unwrap();
         {
-            let mut blobs = tx.open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("blobs")).unwrap();
+            let mut blobs = tx
+                .open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("blobs"))
+                .unwrap();
             let record = blobs.remove(&a.0).unwrap().unwrap().value().to_vec();
-            let mut sealing = tx.open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("sealing")).unwrap();
+            let mut sealing = tx
+                .open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("sealing"))
+                .unwrap();
             sealing.insert(&a.0, &record[10..]).unwrap();
         }
         tx.commit().unwrap();
     }
     let store = Store::open(&dir, options.clone()).unwrap();
     assert!(matches!(store.info(&a), Err(StoreError::NotFound(_))));
-    assert!(!dir.join("blobs").join(a.to_hex()).exists(), "unknown file deleted");
+    assert!(
+        !dir.join("blobs").join(a.to_hex()).exists(),
+        "unknown file deleted"
+    );
     // Only b's chunks are held now: exactly what the oracle says.
     let oracle = MemStore::new(Chunker::new(params).unwrap());
     oracle.add(&vs[1]);
