@@ -288,7 +288,12 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                 }
                 plan
             } else {
-                Default::default()
+                // Already complete here: every chunk is held.
+                engine::store::DeltaPlan {
+                    held_chunks: m.root.chunk_count,
+                    held_bytes: m.root.total_bytes,
+                    ..Default::default()
+                }
             };
             let complete = plan.missing_chunks == 0;
             if g.json {

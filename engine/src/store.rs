@@ -138,6 +138,8 @@ pub enum StoreError {
         needed: u64,
         available: u64,
     },
+    #[error("cannot write {}: no space left on the filesystem (nothing half-written was kept)", path.display())]
+    DiskFull { path: PathBuf },
     #[error("{}: {why}", path.display())]
     Input { path: PathBuf, why: String },
     #[error("{op} {}: {source}", path.display())]
@@ -163,10 +165,8 @@ impl StoreError {
     fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
         move |source| {
             if source.raw_os_error() == Some(libc::ENOSPC) {
-                return StoreError::NoSpace {
+                return StoreError::DiskFull {
                     path: path.to_path_buf(),
-                    needed: 0,
-                    available: 0,
                 };
             }
             StoreError::Io {
@@ -454,7 +454,8 @@ impl Store {
             path: path.to_path_buf(),
             why,
         };
-        let source = File::open(path).map_err(|e| match e.kind() {
+        // Non-blocking open: a FIFO or device must be refused, not waited on.
+        let source = sys::open_input(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => input_err("no such file".into()),
             io::ErrorKind::PermissionDenied => input_err("permission denied".into()),
             _ => input_err(format!("cannot open: {e}")),
@@ -836,9 +837,14 @@ impl Store {
             offset += bytes.len() as u64;
             Ok(())
         })?;
+        // Durable before it is visible: a crash must never leave `target`
+        // replaced by an empty or partial file.
+        out.sync_all()
+            .map_err(StoreError::io("cannot sync", &temp.paths[0]))?;
         drop(out);
         fs::rename(&temp.paths[0], target)
             .map_err(StoreError::io("cannot rename export to", target))?;
+        sys::sync_dir(dir).map_err(StoreError::io("cannot sync", dir))?;
         temp.disarm();
         Ok(written)
     }
@@ -1017,6 +1023,14 @@ impl Store {
         // Re-check what came from outside against this store's limits.
         let manifest = Manifest::from_bundle(&manifest.to_bundle(), limits)?;
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
+        if let Some(r) = self.index.blob(&id)?
+            && r.state == BlobState::Quarantined
+        {
+            // The local copy is corrupt and worthless: assemble it afresh.
+            tracing::warn!("rebuilding quarantined blob {id} from scratch");
+            self.remove_rows(&id, &r.root)?;
+            let _ = fs::remove_file(self.blob_path(&id));
+        }
         if let Some(r) = self.index.blob(&id)? {
             if r.state != BlobState::Partial {
                 let tx = self.index.write()?;

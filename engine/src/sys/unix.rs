@@ -47,6 +47,16 @@ pub fn lock_exclusive(path: &Path) -> Result<DirLock, LockError> {
     }
 }
 
+/// Opens a file to ingest without blocking: opening a FIFO for reading
+/// would otherwise wait for a writer (while holding the store lock). The
+/// caller checks the type of what it opened.
+pub fn open_input(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
