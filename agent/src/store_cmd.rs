@@ -393,7 +393,7 @@ pub fn status(g: &Global) -> u8 {
             "uring_opcodes": facts.uring_opcodes,
             "uring_error": facts.uring_error,
             "ktls": facts.ktls,
-            "blake3_simd": blake3_impl(),
+            "blake3_simd": facts.blake3_simd,
         });
         println!("{v}");
     } else {
@@ -411,38 +411,11 @@ pub fn status(g: &Global) -> u8 {
             ),
         }
         println!("ktls\t{}", if facts.ktls { "available" } else { "absent" });
-        println!("blake3\t{}", blake3_impl());
+        println!("blake3\t{}", facts.blake3_simd);
     }
     if selection.is_err() {
         exit::ERROR
     } else {
         exit::OK
-    }
-}
-
-/// The SIMD implementation blake3 picks on this CPU.
-fn blake3_impl() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "avx2";
-        }
-        if std::arch::is_x86_feature_detected!("sse4.1") {
-            return "sse41";
-        }
-        "sse2"
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        "neon"
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        "portable"
     }
 }

@@ -17,6 +17,8 @@ pub struct PlatformFacts {
     /// Whether the kernel TLS upper-layer protocol is available (it is
     /// reported only; no kTLS data path ships until a machine can test it).
     pub ktls: bool,
+    /// The SIMD implementation BLAKE3 uses on this CPU.
+    pub blake3_simd: &'static str,
 }
 
 pub fn platform() -> PlatformFacts {
@@ -31,6 +33,34 @@ pub fn platform() -> PlatformFacts {
         uring_opcodes,
         uring_error,
         ktls: ktls_available(),
+        blake3_simd: blake3_simd(),
+    }
+}
+
+/// Mirrors the blake3 crate's runtime dispatch (AVX-512 needs F and VL).
+fn blake3_simd() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+        if std::arch::is_x86_feature_detected!("sse4.1") {
+            return "sse41";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "portable"
     }
 }
 
