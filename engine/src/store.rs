@@ -575,9 +575,7 @@ impl Store {
         tx.commit()?;
         let spool = File::open(spool_path).map_err(StoreError::io("cannot open", spool_path))?;
         let mut reader = BufReader::with_capacity(1 << 20, spool);
-        let mut batch = Vec::with_capacity((PAGES_PER_TX * crate::manifest::PAGE_CHUNKS) as usize);
-        let mut tx = self.index.write()?;
-        for i in 0..root.pages.len() as u32 {
+        let tx = self.put_chunk_rows(id, root.pages.len() as u32, |i, tx| {
             let mut len = [0u8; 4];
             let mut page = Vec::new();
             reader
@@ -587,16 +585,9 @@ impl Store {
                     reader.read_exact(&mut page)
                 })
                 .map_err(StoreError::io("cannot read", spool_path))?;
-            batch.extend(root.decode_page(i as usize, &page)?);
             tx.put_page(id, i, &page)?;
-            if (i + 1) % PAGES_PER_TX == 0 {
-                tx.put_chunks(id, &mut batch)?;
-                batch.clear();
-                tx.commit_unsynced()?;
-                tx = self.index.write()?;
-            }
-        }
-        tx.put_chunks(id, &mut batch)?;
+            Ok(root.decode_page(i as usize, &page)?)
+        })?;
         tx.put_blob(
             id,
             &BlobRecord {
@@ -615,6 +606,31 @@ impl Store {
         sys::sync_dir(&blobs).map_err(StoreError::io("cannot sync", &blobs))?;
         tx.commit()?;
         Ok(false)
+    }
+
+    /// Writes the chunk-location rows of a blob's `pages` manifest pages,
+    /// sorted, in unsynced batches of [`PAGES_PER_TX`] pages; `page(i, tx)`
+    /// yields page i's entries (and may add rows of its own to `tx`).
+    /// Returns the open transaction for the caller's final, durable commit.
+    fn put_chunk_rows(
+        &self,
+        id: &BlobId,
+        pages: u32,
+        mut page: impl FnMut(u32, &crate::index::Tx) -> Result<Vec<ChunkEntry>, StoreError>,
+    ) -> Result<crate::index::Tx, StoreError> {
+        let mut tx = self.index.write()?;
+        let mut batch = Vec::with_capacity((PAGES_PER_TX * crate::manifest::PAGE_CHUNKS) as usize);
+        for i in 0..pages {
+            batch.extend(page(i, &tx)?);
+            if (i + 1) % PAGES_PER_TX == 0 {
+                tx.put_chunks(id, &mut batch)?;
+                batch.clear();
+                tx.commit_unsynced()?;
+                tx = self.index.write()?;
+            }
+        }
+        tx.put_chunks(id, &mut batch)?;
+        Ok(tx)
     }
 
     /// Removes every index row of a blob: the record first (so a crash
@@ -1255,18 +1271,9 @@ impl Store {
         // Chunk locations in bounded unsynced batches; rows left by a crash
         // before the final commit point at a partial blob, which lookups
         // skip, and are rewritten by the next seal.
-        let mut tx = self.index.write()?;
-        let mut batch = Vec::new();
-        for i in 0..r.root.pages.len() as u32 {
-            batch.extend(self.index.page(id, &r.root, i)?);
-            if (i + 1) % PAGES_PER_TX == 0 {
-                tx.put_chunks(id, &mut batch)?;
-                batch.clear();
-                tx.commit_unsynced()?;
-                tx = self.index.write()?;
-            }
-        }
-        tx.put_chunks(id, &mut batch)?;
+        let tx = self.put_chunk_rows(id, r.root.pages.len() as u32, |i, _| {
+            self.index.page(id, &r.root, i)
+        })?;
         tx.clear_presence(id, r.root.pages.len() as u32)?;
         tx.put_blob(
             id,
