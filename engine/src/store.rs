@@ -159,6 +159,8 @@ pub enum StoreError {
     Manifest(#[from] ManifestError),
     #[error("chunk {index} of blob {id} does not match its hash")]
     BadChunk { id: BlobId, index: u64 },
+    #[error("blob {0} is not partial (nothing to receive)")]
+    NotPartial(BlobId),
 }
 
 impl StoreError {
@@ -716,8 +718,24 @@ impl Store {
         Ok(self.record(id)?.root)
     }
 
+    /// Entries of manifest page `page` of `id` (checked against its root).
+    pub fn page(
+        &self,
+        id: &BlobId,
+        root: &ManifestRoot,
+        page: u32,
+    ) -> Result<Vec<ChunkEntry>, StoreError> {
+        self.index.page(id, root, page)
+    }
+
+    /// Encoded bytes of manifest page `page` of `id`, as stored (and as sent
+    /// to peers, who check them against the root).
+    pub fn page_bytes(&self, id: &BlobId, page: u32) -> Result<Vec<u8>, StoreError> {
+        self.index.page_bytes(id, page)
+    }
+
     /// Opens a complete blob for reading; refuses partial and quarantined ones.
-    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader<'_>, StoreError> {
+    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader, StoreError> {
         let r = self.record(id)?;
         match r.state {
             BlobState::Complete => {}
@@ -750,7 +768,6 @@ impl Store {
         }
         let map = SealedMap::new(&file, found).map_err(StoreError::io("cannot map", &path))?;
         Ok(BlobReader {
-            store: self,
             id: *id,
             root: r.root,
             map,
@@ -863,6 +880,38 @@ impl Store {
         sys::sync_dir(dir).map_err(StoreError::io("cannot sync", dir))?;
         temp.disarm();
         Ok(written)
+    }
+
+    /// Re-hashes one chunk of a sealed blob (a peer reported it bad):
+    /// `Ok(true)` when it matches its manifest entry; when it does not, the
+    /// blob is quarantined (never served again until re-fetched or re-added)
+    /// and `Ok(false)`. A blob already quarantined or partial reports `false`.
+    pub fn recheck_chunk(&self, id: &BlobId, index: u64) -> Result<bool, StoreError> {
+        let reader = match self.open_blob(id) {
+            Ok(r) => r,
+            Err(StoreError::Quarantined(_) | StoreError::Incomplete(_)) => return Ok(false),
+            Err(StoreError::CorruptFile { .. }) => {
+                self.quarantine(id)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
+        let page = index / per_page;
+        if page >= reader.root().pages.len() as u64 {
+            return Err(StoreError::BadChunk { id: *id, index });
+        }
+        let entries = self.index.page(id, reader.root(), page as u32)?;
+        let Some(e) = entries.get((index % per_page) as usize) else {
+            return Err(StoreError::BadChunk { id: *id, index });
+        };
+        let ok = reader
+            .range(e.offset, u64::from(e.len))
+            .is_some_and(|bytes| ChunkHash::of(bytes) == e.hash);
+        if !ok {
+            self.quarantine(id)?;
+        }
+        Ok(ok)
     }
 
     fn quarantine(&self, id: &BlobId) -> Result<(), StoreError> {
@@ -1086,8 +1135,13 @@ impl Store {
     fn create_partial_file(&self, id: &BlobId, total: u64) -> Result<(), StoreError> {
         let path = self.partial_path(id);
         let file = File::create(&path).map_err(StoreError::io("cannot create", &path))?;
-        file.set_len(total)
-            .map_err(StoreError::io("cannot size", &path))?;
+        // Reserve the blocks now: a fetch that started must not fill the
+        // disk halfway (ENOSPC here is reported before anything is fetched).
+        if let Err(e) = sys::preallocate(&file, total) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(StoreError::io("cannot reserve space for", &path)(e));
+        }
         file.sync_all()
             .map_err(StoreError::io("cannot sync", &path))?;
         let partial_dir = self.dir.join(PARTIAL_DIR);
@@ -1287,6 +1341,131 @@ impl Store {
     }
 }
 
+/// Manifest pages a [`PartialWriter`] keeps decoded (48 bytes per chunk,
+/// 4096 chunks per page: 16 pages ≈ 3 MiB). Runs arrive a few MiB at a time
+/// and rarely span more than two pages, so a handful covers every request in
+/// flight; more would only grow the receiver's memory.
+const WRITER_PAGES_CACHED: usize = 16;
+
+/// Receives the chunks of one partial blob as they arrive from peers, from
+/// several threads at once: [`PartialWriter::write`] checks a chunk against
+/// its manifest entry (length and BLAKE3) and writes it at its offset;
+/// [`PartialWriter::commit`] makes everything written so far durable (one
+/// fsync for many chunks) and only then records those chunks present. A
+/// crash between the two loses only unrecorded work: presence never claims
+/// bytes that are not on disk.
+pub struct PartialWriter {
+    store: std::sync::Arc<Store>,
+    id: BlobId,
+    root: ManifestRoot,
+    path: PathBuf,
+    file: File,
+    pages: Mutex<Vec<(u32, std::sync::Arc<Vec<ChunkEntry>>)>>,
+}
+
+impl fmt::Debug for PartialWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PartialWriter({})", self.id)
+    }
+}
+
+impl Store {
+    /// A writer for partial blob `id` (see [`Store::begin_partial`]).
+    pub fn partial_writer(
+        self: &std::sync::Arc<Self>,
+        id: &BlobId,
+    ) -> Result<PartialWriter, StoreError> {
+        let r = self.record(id)?;
+        if r.state != BlobState::Partial {
+            return Err(StoreError::NotPartial(*id));
+        }
+        let path = self.partial_path(id);
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("cannot open", &path))?;
+        Ok(PartialWriter {
+            store: std::sync::Arc::clone(self),
+            id: *id,
+            root: r.root,
+            path,
+            file,
+            pages: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl PartialWriter {
+    pub fn id(&self) -> &BlobId {
+        &self.id
+    }
+
+    pub fn root(&self) -> &ManifestRoot {
+        &self.root
+    }
+
+    /// Manifest entry of chunk `index`; `None` beyond the blob.
+    pub fn entry(&self, index: u64) -> Result<Option<ChunkEntry>, StoreError> {
+        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
+        let page = index / per_page;
+        if page >= self.root.pages.len() as u64 {
+            return Ok(None);
+        }
+        let page = page as u32;
+        let entries = {
+            let cached = self.pages.lock().expect("page cache poisoned");
+            cached
+                .iter()
+                .find(|(p, _)| *p == page)
+                .map(|(_, e)| std::sync::Arc::clone(e))
+        };
+        let entries = match entries {
+            Some(e) => e,
+            None => {
+                let e = std::sync::Arc::new(self.store.page(&self.id, &self.root, page)?);
+                let mut cached = self.pages.lock().expect("page cache poisoned");
+                if cached.len() >= WRITER_PAGES_CACHED {
+                    cached.remove(0);
+                }
+                cached.push((page, std::sync::Arc::clone(&e)));
+                e
+            }
+        };
+        Ok(entries.get((index % per_page) as usize).copied())
+    }
+
+    /// Checks `bytes` against chunk `index` and writes them at its offset.
+    /// [`StoreError::BadChunk`] (nothing written) when they do not match.
+    /// Not durable until [`PartialWriter::commit`].
+    pub fn write(&self, index: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let bad = || StoreError::BadChunk { id: self.id, index };
+        let e = self.entry(index)?.ok_or_else(bad)?;
+        if bytes.len() != e.len as usize || ChunkHash::of(bytes) != e.hash {
+            return Err(bad());
+        }
+        self.file
+            .write_all_at(bytes, e.offset)
+            .map_err(StoreError::io("cannot write", &self.path))
+    }
+
+    /// Makes the chunks `indices` (each written by [`PartialWriter::write`])
+    /// durable, then records them present.
+    pub fn commit(&self, indices: &[u64]) -> Result<(), StoreError> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(StoreError::io("cannot sync", &self.path))?;
+        let _guard = self
+            .store
+            .partial_lock
+            .lock()
+            .expect("partial lock poisoned");
+        self.store.mark_present(&self.id, indices)
+    }
+}
+
 fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
@@ -1299,17 +1478,21 @@ fn now_unix_s() -> u64 {
 }
 
 /// Read access to a sealed blob, handing out borrowed bytes (so a network
-/// layer can encrypt straight from them). Reading does not re-hash: chunks
-/// were verified when written, receivers verify again, and `verify` re-hashes
-/// at rest.
-pub struct BlobReader<'a> {
-    store: &'a Store,
+/// layer can encrypt straight from them). Owned, so a daemon can keep one
+/// per served blob across tasks; chunk entries come from [`Store::page`].
+/// Reading does not re-hash: chunks were verified when written, receivers
+/// verify again, and `verify` re-hashes at rest.
+pub struct BlobReader {
     id: BlobId,
     root: ManifestRoot,
     map: SealedMap,
 }
 
-impl BlobReader<'_> {
+impl BlobReader {
+    pub fn id(&self) -> &BlobId {
+        &self.id
+    }
+
     pub fn root(&self) -> &ManifestRoot {
         &self.root
     }
@@ -1322,11 +1505,6 @@ impl BlobReader<'_> {
     pub fn range(&self, offset: u64, len: u64) -> Option<&[u8]> {
         let end = offset.checked_add(len)?;
         self.map.bytes().get(offset as usize..end as usize)
-    }
-
-    /// Entries of manifest page `page`.
-    pub fn page(&self, page: u32) -> Result<Vec<ChunkEntry>, StoreError> {
-        self.store.index.page(&self.id, &self.root, page)
     }
 }
 

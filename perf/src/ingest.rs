@@ -323,6 +323,8 @@ impl Ingest {
             }
             Kind::B3sum | Kind::B3sumOneThread => {
                 let program = self.b3sum.as_deref().context("b3sum is not installed")?;
+                // Untimed: the adds in between may have pushed it out.
+                warm_page_cache(&self.input.path)?;
                 let mut command = Command::new(program);
                 if kind == Kind::B3sumOneThread {
                     command.args(["--num-threads", "1"]);
@@ -357,6 +359,9 @@ impl Ingest {
                 })
             }
             Kind::Verify => {
+                // Untimed, like b3sum's input: the store's files are read
+                // from the page cache by both verify and the baseline.
+                warm_tree(&self.main_store)?;
                 let out = harness::run_timed(
                     self.envoy_command(&self.main_store, &self.primary_io)
                         .args(["store", "verify"]),
@@ -641,6 +646,20 @@ fn warm_page_cache(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot read {}", path.display()))?
         > 0
     {}
+    Ok(())
+}
+
+/// [`warm_page_cache`] for every regular file below `dir`.
+fn warm_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            warm_tree(&entry.path())?;
+        } else if kind.is_file() {
+            warm_page_cache(&entry.path())?;
+        }
+    }
     Ok(())
 }
 

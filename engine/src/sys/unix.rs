@@ -63,6 +63,33 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
+/// Sizes `file` to `len` bytes and, where the platform can, reserves the
+/// disk blocks (Linux `fallocate`, FreeBSD `posix_fallocate`), so writing
+/// into it later cannot fail for lack of space. Returns whether blocks were
+/// reserved; elsewhere (or on a filesystem without support) the file is only
+/// sized, sparse.
+pub fn preallocate(file: &File, len: u64) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    if len > 0 {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        match fallocate(file, FallocateFlags::empty(), 0, len as libc::off_t) {
+            Ok(()) => return Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    #[cfg(target_os = "freebsd")]
+    if len > 0 {
+        match nix::fcntl::posix_fallocate(file, 0, len as libc::off_t) {
+            Ok(()) => return Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    file.set_len(len)?;
+    Ok(false)
+}
+
 /// Makes a rename or create inside `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
