@@ -333,6 +333,126 @@ fn parse_rss_anon(status: &str) -> Option<u64> {
     }
 }
 
+/// Samples the `RssAnon` of a process other than the command being timed
+/// (a daemon doing the work a client command asked for), every
+/// [`RSS_SAMPLE_INTERVAL`], until [`RssSampler::finish`] or drop.
+///
+/// The caller must keep `pid` from being recycled while sampling: in the
+/// benches it is a child of ours that is reaped only after the sampler
+/// stopped.
+#[derive(Debug)]
+pub struct RssSampler {
+    stop: Option<mpsc::Sender<()>>,
+    handle: Option<thread::JoinHandle<Option<u64>>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let handle = thread::spawn(move || {
+            let mut peak: Option<u64> = None;
+            loop {
+                if let Some(now) = rss_anon_bytes(pid) {
+                    peak = Some(peak.map_or(now, |p| p.max(now)));
+                }
+                match stopped.recv_timeout(RSS_SAMPLE_INTERVAL) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break peak,
+                }
+            }
+        });
+        RssSampler {
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops sampling; the peak seen, `None` when no sample was taken (the
+    /// process was gone).
+    pub fn finish(mut self) -> Result<Option<u64>> {
+        self.stop.take();
+        let handle = self.handle.take().context("RSS sampler already finished")?;
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("RSS sampler thread panicked"))
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The three load averages of `/proc/loadavg` (`"0.42 0.51 0.60"`), to label
+/// figures measured on a shared machine.
+pub fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    (fields.len() == 3).then(|| fields.join(" "))
+}
+
+/// The 1-minute load average, for deciding whether the machine is quiet.
+pub fn load_average_1min() -> Option<f64> {
+    load_average()?.split_whitespace().next()?.parse().ok()
+}
+
+// ---------------------------------------------------------------- page cache and hashes
+
+/// Block size for warming and hashing files.
+const FILE_BLOCK_BYTES: usize = 8 << 20;
+
+/// Reads a file once so it is in the page cache.
+pub fn warm_file(path: &Path) -> Result<()> {
+    let mut reader =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut block = vec![0u8; FILE_BLOCK_BYTES];
+    while reader
+        .read(&mut block)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        > 0
+    {}
+    Ok(())
+}
+
+/// [`warm_file`] for every regular file below `dir`.
+pub fn warm_dir(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            warm_dir(&entry.path())?;
+        } else if kind.is_file() {
+            warm_file(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a file in hex, as `b3sum` prints it.
+pub fn blake3_file(path: &Path) -> Result<String> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(
+        &mut std::io::BufReader::with_capacity(FILE_BLOCK_BYTES, file),
+        &mut hasher,
+    )
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (another process may
+/// take it before the caller binds it).
+pub fn free_loopback_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .context("cannot bind a probe socket on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
 // ---------------------------------------------------------------- machine and binaries
 
 /// Where a figure came from (BENCHMARKS.md: record the machine of every figure).
@@ -370,6 +490,11 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
+}
+
+/// `path` when it is an executable file (a tool installed off `PATH`).
+pub fn executable_at(path: &Path) -> Option<PathBuf> {
+    is_executable(path).then(|| path.to_owned())
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -835,6 +960,29 @@ mod tests {
         .unwrap();
         let peak = out.peak_rss_anon_bytes.expect("sampled");
         assert!(peak > 32 << 20, "{peak}");
+    }
+
+    #[test]
+    fn rss_sampler_sees_another_process() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "x=$(head -c 67108864 /dev/zero | tr '\\0' a); sleep 0.5",
+            ])
+            .spawn()
+            .unwrap();
+        let sampler = RssSampler::start(child.id());
+        thread::sleep(Duration::from_millis(400));
+        let peak = sampler.finish().unwrap().expect("sampled");
+        child.wait().unwrap();
+        assert!(peak > 0, "{peak}");
+    }
+
+    #[test]
+    fn load_average_is_read() {
+        let text = load_average().expect("/proc/loadavg");
+        assert_eq!(text.split_whitespace().count(), 3);
+        assert!(load_average_1min().unwrap() >= 0.0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod delta;
 mod demo;
 mod harness;
 mod ingest;
+mod p2p;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,8 @@ enum Bench {
     Delta(delta::DeltaArgs),
     /// The main job: generate an image, ingest, verify, export and check it.
     Demo(demo::DemoArgs),
+    /// One blob envoy-to-envoy over loopback mTLS, against iperf3 and sendme.
+    P2p(p2p::P2pArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Bench::Ingest(args) => ingest::run(args),
         Bench::Delta(args) => delta::run(args),
         Bench::Demo(args) => demo::run(args),
+        Bench::P2p(args) => p2p::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
