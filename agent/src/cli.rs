@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use engine::io::IoMode;
+use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::control::{self, FetchRequest, Request, Sink};
 use crate::store_cmd;
 
 /// Exit codes, documented in `envoy --help`.
@@ -25,7 +28,13 @@ Exit codes:
   3  not found (unknown blob id)
   4  verification failed (corruption detected; corrupt bytes are never output)
 
+Daemon:
+  `envoy run` owns the store and serves it to peers over mTLS (port 1531).
+  While it runs, `envoy store ...` (without --store) and `envoy fetch` go
+  through its control socket (<state_dir>/envoy.sock, see --config).
+
 Environment:
+  VIGO_CONFIG envoy.yaml (same as --config)
   VIGO_STORE  store directory (same as --store)
   VIGO_IO     IO backend: auto, uring or portable (same as --io)
   VIGO_LOG    log filter, e.g. info or engine=debug (default: warn)
@@ -34,7 +43,7 @@ Default store: /var/lib/vigo/store for root, else $XDG_DATA_HOME/vigo/store
 (~/.local/share/vigo/store).";
 
 #[derive(Parser, Debug)]
-#[command(name = "envoy", version, about = "Vigo envoy: blob store and (soon) swarm agent", after_help = AFTER_HELP)]
+#[command(name = "envoy", version, about = "Vigo envoy: blob store, daemon and envoy-to-envoy transfer", after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -44,7 +53,10 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Store directory.
+    /// Daemon configuration (envoy.yaml); documented defaults without it.
+    #[arg(long, global = true, env = "VIGO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Store directory (opened directly, not through a running daemon).
     #[arg(long, global = true, env = "VIGO_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// IO backend: auto probes io_uring and falls back to portable;
@@ -65,11 +77,26 @@ pub enum Command {
     /// Work with the local blob store.
     #[command(subcommand)]
     Store(StoreCommand),
-    /// What this platform offers: kernel, IO backend, io_uring opcodes, kernel TLS.
+    /// What this platform offers (kernel, IO backend, io_uring opcodes,
+    /// kernel TLS) and, when it runs, the daemon's state.
     Status,
+    /// Run the daemon in the foreground until SIGTERM or Ctrl-C.
+    Run,
+    /// Fetch a blob from other envoys (through the running daemon).
+    Fetch {
+        id: String,
+        /// Sources, HOST:PORT, comma-separated or repeated.
+        #[arg(long, required = true, value_delimiter = ',')]
+        from: Vec<String>,
+        /// Also write the blob to PATH (by this process, atomically).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+    /// Print this envoy's host key (created on first use), for peers' allow lists.
+    Id,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Serialize, Deserialize)]
 pub enum StoreCommand {
     /// Ingest a file; prints the blob id alone on stdout.
     Add { file: PathBuf },
@@ -114,11 +141,120 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging();
-    let code = match cli.command {
-        Command::Store(cmd) => store_cmd::run(&cli.global, cmd),
-        Command::Status => store_cmd::status(&cli.global),
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("envoy: {e:#}");
+            exit::ERROR
+        }
     };
     ExitCode::from(code)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let g = cli.global;
+    let config = || Config::load(g.config.as_deref());
+    match cli.command {
+        Command::Store(cmd) => {
+            // An explicit store is opened directly; otherwise a running
+            // daemon owns the configured store and serves the command.
+            if g.store.is_none() {
+                let config = config()?;
+                if let Some(stream) = control::connect(&config.control_socket())? {
+                    return via_daemon(stream, cmd, g.json);
+                }
+                let g = Global {
+                    store: Some(config.store_dir()),
+                    ..g
+                };
+                return Ok(store_cmd::run(&g, cmd));
+            }
+            Ok(store_cmd::run(&g, cmd))
+        }
+        Command::Status => {
+            let code = store_cmd::status(&g);
+            let config = config()?;
+            match control::connect(&config.control_socket())? {
+                Some(stream) => {
+                    let daemon =
+                        control::call(stream, &Request::Status { json: g.json }, Sink::Stdout)?;
+                    Ok(code.max(daemon))
+                }
+                None => {
+                    if !g.json {
+                        println!("daemon	not running ({})", config.control_socket().display());
+                    }
+                    Ok(code)
+                }
+            }
+        }
+        Command::Run => {
+            let config = config()?;
+            crate::daemon::run(config, g.io)?;
+            Ok(exit::OK)
+        }
+        Command::Fetch { id, from, out } => {
+            let config = config()?;
+            let socket = config.control_socket();
+            let Some(stream) = control::connect(&socket)? else {
+                anyhow::bail!(
+                    "no daemon is running (no answer on {}): start one with `envoy run`",
+                    socket.display()
+                );
+            };
+            let request = Request::Fetch(FetchRequest {
+                id: id.clone(),
+                from,
+                json: g.json,
+            });
+            let code = control::call(stream, &request, Sink::Stdout)?;
+            if code != exit::OK {
+                return Ok(code);
+            }
+            let Some(path) = out else { return Ok(code) };
+            let stream = control::connect(&socket)?
+                .ok_or_else(|| anyhow::anyhow!("the daemon stopped before the export"))?;
+            let cat = Request::Store {
+                cmd: StoreCommand::Cat { id },
+                json: false,
+            };
+            control::call(stream, &cat, Sink::File(path))
+        }
+        Command::Id => {
+            let config = config()?;
+            let key = crate::identity::HostKey::load_or_create(&config.state_dir)?;
+            println!("{}", key.public());
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Runs a store command through the daemon. Paths are made absolute here
+/// (the daemon has another working directory); `export` becomes a verified
+/// stream this process writes itself.
+fn via_daemon(
+    stream: std::os::unix::net::UnixStream,
+    cmd: StoreCommand,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let (cmd, sink) = match cmd {
+        StoreCommand::Export { id, path } => (StoreCommand::Cat { id }, Sink::File(path)),
+        StoreCommand::Add { file } => (
+            StoreCommand::Add {
+                file: absolute(file),
+            },
+            Sink::Stdout,
+        ),
+        StoreCommand::Assemble { manifest } => (
+            StoreCommand::Assemble {
+                manifest: absolute(manifest),
+            },
+            Sink::Stdout,
+        ),
+        other => (other, Sink::Stdout),
+    };
+    control::call(stream, &Request::Store { cmd, json }, sink)
 }
 
 fn init_logging() {

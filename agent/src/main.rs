@@ -1,12 +1,7 @@
-//! `envoy`: the Vigo agent. Today its store commands open the store directly;
-//! the transfer issue adds the daemon (`envoy run`) and routes them through
-//! its control socket while it runs.
+//! `envoy`: the Vigo agent (see the library crate for the modules).
 
 use std::process::ExitCode;
 
-mod cli;
-mod store_cmd;
-
 fn main() -> ExitCode {
-    cli::main()
+    agent::cli::main()
 }

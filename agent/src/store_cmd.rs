@@ -1,5 +1,7 @@
-//! `envoy store …` and `envoy status`: open the store directly (no daemon
-//! yet) and report in words a person can act on.
+//! `envoy store …` and `envoy status`, written once against a [`Ctx`] (where
+//! stdout, stderr and progress go) so the same code runs in the CLI when it
+//! opens the store itself and in the daemon on behalf of a control-socket
+//! client (see `control`). Reports are in words a person can act on.
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -38,20 +40,46 @@ fn exit_code(e: &StoreError) -> u8 {
     }
 }
 
-fn fail(e: &StoreError) -> u8 {
-    eprintln!("envoy: {e}");
+pub(crate) fn fail(err: &mut dyn Write, e: &StoreError) -> u8 {
+    let _ = writeln!(err, "envoy: {e}");
     exit_code(e)
 }
 
-fn parse_id(s: &str) -> Result<BlobId, u8> {
+pub(crate) fn parse_id(err: &mut dyn Write, s: &str) -> Result<BlobId, u8> {
     s.parse().map_err(|e| {
-        eprintln!("envoy: {s:?} is not a blob id: {e}");
+        let _ = writeln!(err, "envoy: {s:?} is not a blob id: {e}");
         exit::USAGE
     })
 }
 
+/// Where a command's output goes: the terminal, or a control-socket client.
+pub struct Ctx<'a> {
+    pub json: bool,
+    /// The user on whose behalf the command runs (owner of what it adds).
+    pub uid: u32,
+    pub out: &'a mut (dyn Write + Send),
+    pub err: &'a mut (dyn Write + Send),
+    pub progress: ProgressTo,
+}
+
+/// Receives (label, bytes done, bytes total).
+pub type ProgressFn = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// Where progress of long work is shown.
+#[derive(Clone)]
+pub enum ProgressTo {
+    /// A bar on stderr when it is a terminal, else nothing.
+    Terminal,
+    /// Reported to a callback (label, done, total) every 100 ms.
+    Remote(ProgressFn),
+}
+
+pub(crate) fn store_dir(g: &Global) -> PathBuf {
+    g.store.clone().unwrap_or_else(default_store_dir)
+}
+
 fn open_store(g: &Global) -> Result<Store, u8> {
-    let dir = g.store.clone().unwrap_or_else(default_store_dir);
+    let dir = store_dir(g);
     let options = StoreOptions {
         io: g.io,
         ..StoreOptions::default()
@@ -62,12 +90,34 @@ fn open_store(g: &Global) -> Result<Store, u8> {
     })
 }
 
-/// Runs `work` while drawing a progress bar from `progress` on a terminal.
-fn with_progress<T: Send>(label: &str, progress: &Progress, work: impl FnOnce() -> T + Send) -> T {
+/// Runs `work` while showing `progress` where `to` says.
+pub(crate) fn with_progress<T: Send>(
+    to: &ProgressTo,
+    label: &str,
+    progress: &Progress,
+    work: impl FnOnce() -> T + Send,
+) -> T {
+    let done = AtomicBool::new(false);
+    if let ProgressTo::Remote(report) = to {
+        return std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    report(
+                        label,
+                        progress.done.load(Ordering::Relaxed),
+                        progress.total.load(Ordering::Relaxed),
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let out = work();
+            done.store(true, Ordering::Relaxed);
+            out
+        });
+    }
     if !io::stderr().is_terminal() {
         return work();
     }
-    let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
             let bar = indicatif::ProgressBar::new(0);
@@ -92,25 +142,44 @@ fn with_progress<T: Send>(label: &str, progress: &Progress, work: impl FnOnce() 
     })
 }
 
+/// `envoy store …` without a daemon: opens the store itself.
 pub fn run(g: &Global, cmd: StoreCommand) -> u8 {
-    match run_inner(g, cmd) {
+    let store = match open_store(g) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut out = io::stdout();
+    let mut err = io::stderr();
+    let mut ctx = Ctx {
+        json: g.json,
+        uid: engine::sys::current_uid(),
+        out: &mut out,
+        err: &mut err,
+        progress: ProgressTo::Terminal,
+    };
+    match execute(&store, &mut ctx, cmd) {
         Ok(()) => exit::OK,
         Err(code) => code,
     }
 }
 
-fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
-    let store = open_store(g)?;
-    let mut out = io::stdout().lock();
+/// Runs one store command against an open store.
+pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<(), u8> {
+    let g = &*ctx;
+    let json_out = g.json;
+    let to = g.progress.clone();
+    let uid = g.uid;
+    let out = &mut *ctx.out;
+    let err = &mut *ctx.err;
     match cmd {
         StoreCommand::Add { file } => {
-            let owner = Owner::new(engine::sys::current_uid(), CLI_SUBSYSTEM);
+            let owner = Owner::new(uid, CLI_SUBSYSTEM);
             let progress = Progress::default();
-            let r = with_progress("ingesting", &progress, || {
+            let r = with_progress(&to, "ingesting", &progress, || {
                 store.add_file(&file, &owner, Some(&progress))
             })
-            .map_err(|e| fail(&e))?;
-            if g.json {
+            .map_err(|e| fail(err, &e))?;
+            if json_out {
                 let v = json!({
                     "id": r.id.to_string(),
                     "content_blake3": r.content_hash.to_hex(),
@@ -118,10 +187,11 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                     "chunks": r.chunks,
                     "io_backend": r.io_backend.to_string(),
                 });
-                writeln!(out, "{v}").map_err(stdout_err)?;
+                writeln!(out, "{v}").map_err(|e| stdout_err(err, e))?;
             } else {
-                writeln!(out, "{}", r.id).map_err(stdout_err)?;
-                eprintln!(
+                writeln!(out, "{}", r.id).map_err(|e| stdout_err(err, e))?;
+                let _ = writeln!(
+                    err,
                     "{} {}: {} bytes, {} chunks, BLAKE3 {}, io {}",
                     if r.already_present {
                         "already stored"
@@ -137,8 +207,8 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
             }
         }
         StoreCommand::Ls => {
-            let blobs = store.list().map_err(|e| fail(&e))?;
-            if g.json {
+            let blobs = store.list().map_err(|e| fail(err, &e))?;
+            if json_out {
                 let v: Vec<_> = blobs
                     .iter()
                     .map(|b| {
@@ -153,7 +223,7 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                         })
                     })
                     .collect();
-                writeln!(out, "{}", serde_json::Value::Array(v)).map_err(stdout_err)?;
+                writeln!(out, "{}", serde_json::Value::Array(v)).map_err(|e| stdout_err(err, e))?;
             } else {
                 for b in &blobs {
                     let owners: Vec<String> = b.owners.iter().map(|o| o.to_string()).collect();
@@ -166,45 +236,45 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                         b.chunks,
                         owners.join(",")
                     )
-                    .map_err(stdout_err)?;
+                    .map_err(|e| stdout_err(err, e))?;
                 }
             }
         }
         StoreCommand::Cat { id } => {
-            let id = parse_id(&id)?;
+            let id = parse_id(err, &id)?;
             let progress = Progress::default();
-            let result = with_progress("reading", &progress, || {
-                let mut stdout = io::stdout().lock();
-                store.read_verified(&id, Some(&progress), &mut |b| stdout.write_all(b))
+            let result = with_progress(&to, "reading", &progress, || {
+                store.read_verified(&id, Some(&progress), &mut |b| out.write_all(b))
             });
             if let Err(StoreError::Io { source, .. }) = &result
                 && source.kind() == io::ErrorKind::BrokenPipe
             {
                 return Ok(());
             }
-            result.map_err(|e| fail(&e))?;
+            result.map_err(|e| fail(err, &e))?;
         }
         StoreCommand::Export { id, path } => {
-            let id = parse_id(&id)?;
+            let id = parse_id(err, &id)?;
             let progress = Progress::default();
-            let n = with_progress("exporting", &progress, || {
+            let n = with_progress(&to, "exporting", &progress, || {
                 store.export(&id, &path, Some(&progress))
             })
-            .map_err(|e| fail(&e))?;
-            eprintln!(
+            .map_err(|e| fail(err, &e))?;
+            let _ = writeln!(
+                err,
                 "exported {id} to {} ({n} bytes, every chunk verified)",
                 path.display()
             );
         }
         StoreCommand::Verify { id, full } => {
-            let id = id.as_deref().map(parse_id).transpose()?;
+            let id = id.as_deref().map(|s| parse_id(err, s)).transpose()?;
             let progress = Progress::default();
-            let verdicts = with_progress("verifying", &progress, || {
+            let verdicts = with_progress(&to, "verifying", &progress, || {
                 store.verify(id.as_ref(), full, Some(&progress))
             })
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(err, &e))?;
             let corrupt = verdicts.iter().filter(|v| !v.problems.is_empty()).count();
-            if g.json {
+            if json_out {
                 let v: Vec<_> = verdicts
                     .iter()
                     .map(|v| {
@@ -221,19 +291,21 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                     "{}",
                     json!({"blobs": v, "corrupt": corrupt, "full": full})
                 )
-                .map_err(stdout_err)?;
+                .map_err(|e| stdout_err(err, e))?;
             } else {
                 for v in &verdicts {
                     if v.problems.is_empty() {
-                        writeln!(out, "ok\t{}", v.id).map_err(stdout_err)?;
+                        writeln!(out, "ok\t{}", v.id).map_err(|e| stdout_err(err, e))?;
                     } else {
                         for p in &v.problems {
-                            writeln!(out, "CORRUPT\t{}\t{p}", v.id).map_err(stdout_err)?;
+                            writeln!(out, "CORRUPT\t{}\t{p}", v.id)
+                                .map_err(|e| stdout_err(err, e))?;
                         }
                     }
                 }
                 let bytes: u64 = verdicts.iter().map(|v| v.bytes).sum();
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "verified {} blob(s), {bytes} bytes{}: {corrupt} corrupt{}",
                     verdicts.len(),
                     if full {
@@ -253,38 +325,44 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
             }
         }
         StoreCommand::Rm { id } => {
-            let id = parse_id(&id)?;
-            store.remove(&id).map_err(|e| fail(&e))?;
-            eprintln!("removed {id}");
+            let id = parse_id(err, &id)?;
+            store.remove(&id).map_err(|e| fail(err, &e))?;
+            let _ = writeln!(err, "removed {id}");
         }
         StoreCommand::Manifest { id, bundle } => {
-            let id = parse_id(&id)?;
-            let m = store.manifest(&id).map_err(|e| fail(&e))?;
+            let id = parse_id(err, &id)?;
+            let m = store.manifest(&id).map_err(|e| fail(err, &e))?;
             if bundle {
-                out.write_all(&m.to_bundle()).map_err(stdout_err)?;
+                out.write_all(&m.to_bundle())
+                    .map_err(|e| stdout_err(err, e))?;
             } else {
-                print_manifest(&mut out, &id, &m, g.json).map_err(stdout_err)?;
+                print_manifest(out, &id, &m, json_out).map_err(|e| stdout_err(err, e))?;
             }
         }
         StoreCommand::Assemble { manifest } => {
             let bytes = std::fs::read(&manifest).map_err(|e| {
-                eprintln!("envoy: cannot read manifest {}: {e}", manifest.display());
+                let _ = writeln!(
+                    err,
+                    "envoy: cannot read manifest {}: {e}",
+                    manifest.display()
+                );
                 exit::ERROR
             })?;
             let m = Manifest::from_bundle(&bytes, &ManifestLimits::default()).map_err(|e| {
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "envoy: {} is not a valid manifest bundle: {e}",
                     manifest.display()
                 );
                 exit::ERROR
             })?;
             let id = m.id();
-            let owner = Owner::new(engine::sys::current_uid(), CLI_SUBSYSTEM);
-            let state = store.begin_partial(&m, &owner).map_err(|e| fail(&e))?;
+            let owner = Owner::new(uid, CLI_SUBSYSTEM);
+            let state = store.begin_partial(&m, &owner).map_err(|e| fail(err, &e))?;
             let plan = if state == BlobState::Partial {
-                let plan = store.assemble_local(&id).map_err(|e| fail(&e))?;
+                let plan = store.assemble_local(&id).map_err(|e| fail(err, &e))?;
                 if plan.missing_chunks == 0 {
-                    store.seal_partial(&id).map_err(|e| fail(&e))?;
+                    store.seal_partial(&id).map_err(|e| fail(err, &e))?;
                 }
                 plan
             } else {
@@ -296,7 +374,7 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                 }
             };
             let complete = plan.missing_chunks == 0;
-            if g.json {
+            if json_out {
                 let v = json!({
                     "id": id.to_string(),
                     "complete": complete,
@@ -305,10 +383,11 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
                     "missing_chunks": plan.missing_chunks,
                     "missing_bytes": plan.missing_bytes,
                 });
-                writeln!(out, "{v}").map_err(stdout_err)?;
+                writeln!(out, "{v}").map_err(|e| stdout_err(err, e))?;
             } else {
-                writeln!(out, "{id}").map_err(stdout_err)?;
-                eprintln!(
+                writeln!(out, "{id}").map_err(|e| stdout_err(err, e))?;
+                let _ = writeln!(
+                    err,
                     "{}: {} chunks ({} bytes) held locally, {} chunks ({} bytes) still to fetch",
                     if complete { "complete" } else { "partial" },
                     plan.held_chunks,
@@ -323,7 +402,7 @@ fn run_inner(g: &Global, cmd: StoreCommand) -> Result<(), u8> {
 }
 
 fn print_manifest(
-    out: &mut impl Write,
+    out: &mut dyn Write,
     id: &BlobId,
     m: &Manifest,
     json_out: bool,
@@ -368,11 +447,11 @@ fn print_manifest(
     }
 }
 
-fn stdout_err(e: io::Error) -> u8 {
+fn stdout_err(err: &mut dyn Write, e: io::Error) -> u8 {
     if e.kind() == io::ErrorKind::BrokenPipe {
         return exit::OK;
     }
-    eprintln!("envoy: cannot write to stdout: {e}");
+    let _ = writeln!(err, "envoy: cannot write to stdout: {e}");
     exit::ERROR
 }
 

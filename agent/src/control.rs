@@ -1,0 +1,258 @@
+//! The daemon's Unix control socket: how `envoy` commands reach a running
+//! daemon (which then owns the store).
+//!
+//! # Framing
+//! Both directions carry frames `[u32 LE body length][u8 kind][body]`:
+//! - `R` (client → daemon, once): the request, JSON ([`Request`]).
+//! - `O` / `E`: bytes for the client's stdout / stderr.
+//! - `P`: progress, JSON `{"label","done","total"}`.
+//! - `X`: the end; one byte, the command's exit code.
+//!
+//! The daemon learns who asks from the socket's peer credentials
+//! (`SO_PEERCRED`), never from the request: blobs a user adds or fetches
+//! are owned by that uid. Commands that name a path the daemon would open
+//! (`store add`, `store assemble`) are served only for root or the daemon's
+//! own user; `store export` and `fetch --out` are written by the client
+//! itself from a verified stream (`O` frames), so the daemon never writes a
+//! user's file.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{StoreCommand, exit};
+
+/// Largest frame either side accepts (a request, or a slice of output).
+pub const FRAME_BYTES_MAX: u32 = 1 << 20;
+/// Output is sent in slices of at most this many bytes.
+pub const OUTPUT_SLICE_BYTES: usize = 256 << 10;
+
+pub const KIND_REQUEST: u8 = b'R';
+pub const KIND_STDOUT: u8 = b'O';
+pub const KIND_STDERR: u8 = b'E';
+pub const KIND_PROGRESS: u8 = b'P';
+pub const KIND_EXIT: u8 = b'X';
+
+/// What a client asks of the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Store { cmd: StoreCommand, json: bool },
+    Status { json: bool },
+    Fetch(FetchRequest),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub id: String,
+    pub from: Vec<String>,
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub label: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = kind;
+    w.write_all(&head)?;
+    w.write_all(body)
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    if len > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("control frame of {len} bytes exceeds {FRAME_BYTES_MAX}"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    Ok(Some((head[4], body)))
+}
+
+/// Connects to a running daemon; `Ok(None)` when none listens there (no
+/// socket, or a stale one left by a daemon that died).
+pub fn connect(socket: &Path) -> Result<Option<UnixStream>> {
+    match UnixStream::connect(socket) {
+        Ok(s) => Ok(Some(s)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot connect to {}", socket.display())),
+    }
+}
+
+/// Where the client puts the bytes of `O` frames.
+pub enum Sink {
+    Stdout,
+    /// A file written atomically: a temp file beside it, fsync, rename,
+    /// fsync of the directory, only after the daemon reported success.
+    File(PathBuf),
+}
+
+/// Sends `request` and relays the daemon's answer: stdout bytes to `sink`,
+/// stderr bytes to stderr, progress as a bar on a terminal. Returns the
+/// daemon's exit code.
+pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8> {
+    let body = serde_json::to_vec(request).context("cannot encode request")?;
+    write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
+    let mut out: Box<dyn Write> = match &sink {
+        Sink::Stdout => Box::new(io::stdout().lock()),
+        Sink::File(path) => Box::new(TempOut::create(path)?),
+    };
+    let bar = io::stderr().is_terminal().then(new_bar);
+    let mut stderr = io::stderr();
+    let mut reader = io::BufReader::with_capacity(OUTPUT_SLICE_BYTES + 8, &mut stream);
+    let code = loop {
+        let Some((kind, body)) = read_frame(&mut reader).context("lost the daemon's answer")?
+        else {
+            bail!("the daemon closed the connection before answering (did it stop?)");
+        };
+        match kind {
+            KIND_STDOUT => match out.write_all(&body) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit::OK),
+                Err(e) => return Err(e).context("cannot write output"),
+            },
+            KIND_STDERR => {
+                if let Some(b) = &bar {
+                    b.suspend(|| stderr.write_all(&body))?;
+                } else {
+                    stderr.write_all(&body)?;
+                }
+            }
+            KIND_PROGRESS => {
+                if let (Some(b), Ok(p)) = (&bar, serde_json::from_slice::<ProgressReport>(&body)) {
+                    b.set_message(p.label);
+                    b.set_length(p.total);
+                    b.set_position(p.done);
+                }
+            }
+            KIND_EXIT => break body.first().copied().unwrap_or(exit::ERROR),
+            other => bail!("unexpected control frame kind {other:#x} from the daemon"),
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    out.flush()?;
+    drop(out);
+    if let Sink::File(path) = sink {
+        if code == exit::OK {
+            TempOut::commit(&path)?;
+        } else {
+            TempOut::discard(&path);
+        }
+    }
+    Ok(code)
+}
+
+fn new_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The temp file behind [`Sink::File`].
+struct TempOut {
+    file: io::BufWriter<std::fs::File>,
+}
+
+impl TempOut {
+    fn temp_path(path: &Path) -> PathBuf {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        path.with_file_name(format!(".{name}.vigo-partial"))
+    }
+
+    fn create(path: &Path) -> Result<TempOut> {
+        let temp = Self::temp_path(path);
+        let file = std::fs::File::create(&temp)
+            .with_context(|| format!("cannot create {}", temp.display()))?;
+        Ok(TempOut {
+            file: io::BufWriter::with_capacity(1 << 20, file),
+        })
+    }
+
+    fn commit(path: &Path) -> Result<()> {
+        let temp = Self::temp_path(path);
+        std::fs::File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", temp.display()))?;
+        std::fs::rename(&temp, path)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), path.display()))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))
+    }
+
+    fn discard(path: &Path) {
+        let _ = std::fs::remove_file(Self::temp_path(path));
+    }
+}
+
+impl Write for TempOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversize_is_refused() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, KIND_STDOUT, b"hello").unwrap();
+        write_frame(&mut buf, KIND_EXIT, &[3]).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            read_frame(&mut r).unwrap(),
+            Some((KIND_STDOUT, b"hello".to_vec()))
+        );
+        assert_eq!(read_frame(&mut r).unwrap(), Some((KIND_EXIT, vec![3])));
+        assert_eq!(read_frame(&mut r).unwrap(), None);
+        let mut big = (FRAME_BYTES_MAX + 1).to_le_bytes().to_vec();
+        big.push(KIND_STDOUT);
+        assert!(read_frame(&mut &big[..]).is_err());
+    }
+}

@@ -1,0 +1,602 @@
+//! One peer connection: a reader task and a writer task around a TLS stream.
+//!
+//! Both directions of a connection speak the same protocol, so every
+//! connection serves (its writer runs an `Uploader` for the peer's
+//! requests) and may carry one fetch (a [`Tap`]: the fetch that dialed it).
+//!
+//! # Reader
+//! Decodes frames from the TLS stream straight into the `Decoder`'s buffer.
+//! Requests for us (`GetManifest*`, `Request`, `Cancel`) go to the writer;
+//! answers (`ManifestRoot`, `ManifestPage`, `NotFound`, `Have`, `Reject`)
+//! go to the tap's fetch as encoded frames. `Data` is the hot path: the
+//! payload is checked against the manifest and written at its offset by
+//! the fetch's `PartialWriter` right here, borrowed from the decoder's
+//! buffer (no copy), and only the verdict travels to the fetch.
+//!
+//! # Writer
+//! Owns the write half behind a `BufWriter`, the `Uploader` (credit, request
+//! rate, upload rate) and the queue of outgoing frames. Between chunks it
+//! takes new messages (so a `Cancel` is seen promptly) and flushes when it
+//! has nothing more to send.
+//!
+//! # Copies per payload byte when serving (tokio-rustls path)
+//! mmap'd sealed file → `BufWriter` (1) → rustls plaintext into its record
+//! buffer (2) → encrypted in place → kernel socket buffer (3, the kernel's
+//! own copy). Receiving: kernel → rustls buffer (1) → decrypted in place →
+//! plaintext read into the `Decoder` buffer (2) → `pwrite` into the page
+//! cache (3, the kernel's).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use engine::hash::BlobId;
+use engine::manifest::ChunkEntry;
+use engine::store::{BlobReader, PartialWriter, StoreError};
+use substrate::sched::{PeerId, Verdict};
+use substrate::serve::{Transmit, Uploader};
+use substrate::wire::{
+    self, CloseCode, DecodeError, Decoder, Frame, HaveMap, Limits, RejectCode, Request,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{Notify, mpsc};
+
+use super::Daemon;
+use crate::identity::PeerKey;
+
+/// Bytes read from the TLS stream at a time.
+const READ_BYTES: usize = 256 << 10;
+/// Capacity of the writer's buffer (frames are coalesced into TLS records).
+const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Messages queued for a writer before senders wait.
+const WRITER_QUEUE: usize = 1024;
+
+/// What a connection tells the fetch it carries.
+#[derive(Debug)]
+pub(crate) enum PeerEvent {
+    /// A non-`Data` frame for the fetch, encoded.
+    Frame(Vec<u8>),
+    /// A chunk arrived; `Ok` means it verified and was written.
+    Data {
+        request: wire::RequestId,
+        index: u64,
+        verdict: Verdict,
+        bytes: u32,
+    },
+    /// Writing a verified chunk failed locally (disk full, IO error): the
+    /// fetch must stop, the peer is not at fault.
+    LocalError(String),
+    /// The connection ended.
+    Closed(String),
+}
+
+/// The fetch side of a connection: where its answers go.
+#[derive(Clone)]
+pub(crate) struct Tap {
+    pub peer: PeerId,
+    pub events: mpsc::UnboundedSender<(PeerId, PeerEvent)>,
+    /// Set once the manifest is known and the partial blob exists.
+    pub writer: Arc<OnceLock<Arc<PartialWriter>>>,
+}
+
+/// Messages for a connection's writer.
+enum Out {
+    /// An encoded frame to send as is.
+    Frame(Vec<u8>),
+    /// A request from the peer, for the uploader.
+    Request(Request),
+    Cancel(wire::RequestId),
+    GetManifest(BlobId),
+    GetManifestPage(BlobId, u32),
+    /// Close with a code and reason after what is queued.
+    Close(CloseCode, String),
+}
+
+/// A running connection.
+#[derive(Clone)]
+pub(crate) struct ConnHandle {
+    pub peer: PeerKey,
+    out: mpsc::Sender<Out>,
+    done: Arc<Notify>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    held: Arc<Mutex<Vec<Box<dyn Send>>>>,
+}
+
+impl ConnHandle {
+    /// Queues an encoded frame; `false` when the connection is gone.
+    pub async fn send(&self, frame: Vec<u8>) -> bool {
+        self.out.send(Out::Frame(frame)).await.is_ok()
+    }
+
+    /// Closes after what is queued.
+    pub async fn close(&self, code: CloseCode, why: &str) {
+        let _ = self.out.send(Out::Close(code, why.to_owned())).await;
+    }
+
+    /// Waits until both tasks ended.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.finished.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Keeps `thing` alive as long as the connection (its slot).
+    pub fn hold(&self, thing: impl Send + 'static) {
+        self.held.lock().expect("poisoned").push(Box::new(thing));
+    }
+}
+
+/// Encodes a frame with the default limits (frames we build are valid).
+pub(crate) fn encode(frame: &Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::encode(frame, &Limits::DEFAULT, &mut out).expect("frames built here are valid");
+    out
+}
+
+/// Starts the tasks of a connection that completed its handshake.
+pub(crate) fn start<S>(
+    daemon: &Arc<Daemon>,
+    stream: S,
+    peer: PeerKey,
+    _remote: SocketAddr,
+    tap: Option<Tap>,
+) -> ConnHandle
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    let handle = ConnHandle {
+        peer,
+        out: tx.clone(),
+        done: Arc::new(Notify::new()),
+        finished: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        held: Arc::new(Mutex::new(Vec::new())),
+    };
+    let uploader = Uploader::new(
+        substrate::Timestamp::ZERO,
+        daemon.config.serve_limits().expect("validated at load"),
+    );
+    let epoch = Instant::now();
+    let writer = tokio::spawn(write_loop(
+        Arc::clone(daemon),
+        write,
+        rx,
+        uploader,
+        epoch,
+        peer,
+    ));
+    let reader = tokio::spawn(read_loop(Arc::clone(daemon), read, tx, tap.clone(), peer));
+    let h = handle.clone();
+    tokio::spawn(async move {
+        // The reader ends on EOF, error or a bad frame; the writer ends when
+        // every sender is gone (the reader's clone and all handles) or on
+        // Close. Either way, tell the fetch and release the slot.
+        let why = match reader.await {
+            Ok(why) => why,
+            Err(e) => format!("reader task failed: {e}"),
+        };
+        let _ = h
+            .out
+            .send(Out::Close(CloseCode::NORMAL, String::new()))
+            .await;
+        let _ = writer.await;
+        if let Some(tap) = tap {
+            let _ = tap.events.send((tap.peer, PeerEvent::Closed(why)));
+        }
+        h.held.lock().expect("poisoned").clear();
+        h.finished.store(true, Ordering::Release);
+        h.done.notify_waiters();
+    });
+    handle
+}
+
+/// Microseconds since the connection's epoch, as the substrate's clock.
+fn now(epoch: Instant) -> substrate::Timestamp {
+    substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    daemon: Arc<Daemon>,
+    mut read: R,
+    out: mpsc::Sender<Out>,
+    tap: Option<Tap>,
+    peer: PeerKey,
+) -> String {
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    let mut buf = vec![0u8; READ_BYTES];
+    let idle = daemon.config.idle_timeout();
+    let mut shutdown = daemon.shutting_down();
+    loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout(idle, read.read(&mut buf)) => match r {
+                Err(_) => {
+                    let why = format!("idle for {idle:?}");
+                    let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
+                    return why;
+                }
+                Ok(Ok(0)) => return "closed by peer".into(),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return format!("read failed: {e}"),
+            },
+            _ = shutdown.changed() => {
+                let _ = out.send(Out::Close(CloseCode::SHUTDOWN, "shutting down".into())).await;
+                return "shutting down".into();
+            }
+        };
+        decoder.feed(&buf[..n]);
+        loop {
+            let frame = match decoder.poll_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return refuse(&out, peer, &e).await,
+            };
+            match on_frame(&daemon, &out, tap.as_ref(), peer, frame).await {
+                Ok(()) => {}
+                Err(why) => return why,
+            }
+        }
+    }
+}
+
+async fn refuse(out: &mpsc::Sender<Out>, peer: PeerKey, e: &DecodeError) -> String {
+    tracing::warn!("closing connection to {peer}: malformed frame: {e}");
+    let _ = out.send(Out::Close(e.close_code(), e.to_string())).await;
+    format!("malformed frame: {e}")
+}
+
+/// Handles one frame; `Err(reason)` closes the connection.
+async fn on_frame(
+    daemon: &Arc<Daemon>,
+    out: &mpsc::Sender<Out>,
+    tap: Option<&Tap>,
+    peer: PeerKey,
+    frame: Frame<'_>,
+) -> Result<(), String> {
+    let to_writer = |m| async { out.send(m).await.map_err(|_| "writer gone".to_string()) };
+    match frame {
+        Frame::Hello(h) => {
+            if h.version != wire::PROTOCOL_VERSION {
+                let why = format!("peer speaks protocol version {}", h.version);
+                let _ = out.send(Out::Close(CloseCode::VERSION, why.clone())).await;
+                return Err(why);
+            }
+            if let Some(t) = tap {
+                let _ = t.events.send((t.peer, PeerEvent::Frame(encode(&frame))));
+            }
+        }
+        Frame::Close { code, text } => {
+            if code != CloseCode::NORMAL && code != CloseCode::SHUTDOWN {
+                tracing::warn!("peer {peer} closed the connection: code {} {text}", code.0);
+            }
+            return Err(format!("peer closed: code {} {text}", code.0));
+        }
+        Frame::GetManifest { blob } => to_writer(Out::GetManifest(blob)).await?,
+        Frame::GetManifestPage { blob, page } => {
+            to_writer(Out::GetManifestPage(blob, page)).await?
+        }
+        Frame::Request(r) => to_writer(Out::Request(r)).await?,
+        Frame::Cancel { request } => to_writer(Out::Cancel(request)).await?,
+        Frame::BadChunk { blob, chunk_index } => {
+            tracing::warn!(
+                "peer {peer} reports chunk {chunk_index} of {blob} as bad: re-verifying"
+            );
+            let d = Arc::clone(daemon);
+            tokio::task::spawn_blocking(move || recheck(&d, &blob, chunk_index));
+        }
+        Frame::ManifestRoot { .. }
+        | Frame::ManifestPage { .. }
+        | Frame::NotFound { .. }
+        | Frame::Have(_)
+        | Frame::Reject { .. } => {
+            let Some(t) = tap else {
+                return violation(out, peer, "answer frame on a connection that asked nothing")
+                    .await;
+            };
+            let _ = t.events.send((t.peer, PeerEvent::Frame(encode(&frame))));
+        }
+        Frame::Data {
+            request,
+            chunk_index,
+            payload,
+        } => {
+            let Some(t) = tap else {
+                return violation(out, peer, "data on a connection that requested nothing").await;
+            };
+            let Some(writer) = t.writer.get() else {
+                return violation(out, peer, "data before any request").await;
+            };
+            let verdict = match writer.write(chunk_index, payload) {
+                Ok(()) => Verdict::Ok,
+                Err(StoreError::BadChunk { .. }) => Verdict::Bad,
+                Err(e) => {
+                    let _ = t
+                        .events
+                        .send((t.peer, PeerEvent::LocalError(e.to_string())));
+                    return Err(format!("local write failed: {e}"));
+                }
+            };
+            let _ = t.events.send((
+                t.peer,
+                PeerEvent::Data {
+                    request,
+                    index: chunk_index,
+                    verdict,
+                    bytes: payload.len() as u32,
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn violation(out: &mpsc::Sender<Out>, peer: PeerKey, why: &str) -> Result<(), String> {
+    tracing::warn!("closing connection to {peer}: protocol violation: {why}");
+    let _ = out
+        .send(Out::Close(CloseCode::PROTOCOL, why.to_owned()))
+        .await;
+    Err(format!("protocol violation: {why}"))
+}
+
+/// Re-verifies one chunk a peer reported bad; quarantines the blob (stops
+/// serving it) when our copy really is corrupt.
+fn recheck(daemon: &Daemon, blob: &BlobId, index: u64) {
+    match daemon.store.recheck_chunk(blob, index) {
+        Ok(true) => tracing::info!("chunk {index} of {blob} re-verified fine; still serving"),
+        Ok(false) => {
+            daemon.forget_served(blob);
+            tracing::error!(
+                "chunk {index} of {blob} is corrupt here: blob quarantined, no longer served"
+            );
+        }
+        Err(e) => tracing::warn!("cannot re-verify chunk {index} of {blob}: {e}"),
+    }
+}
+
+/// Per-blob lookups the writer needs while serving.
+struct Serving {
+    reader: Arc<BlobReader>,
+    page: Option<(u32, Arc<Vec<ChunkEntry>>)>,
+}
+
+impl Serving {
+    fn entry(&mut self, daemon: &Daemon, index: u64) -> Option<ChunkEntry> {
+        let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
+        let page = u32::try_from(index / per_page).ok()?;
+        if self.page.as_ref().map(|(p, _)| *p) != Some(page) {
+            let entries = daemon
+                .store
+                .page(self.reader.id(), self.reader.root(), page)
+                .ok()?;
+            self.page = Some((page, Arc::new(entries)));
+        }
+        let (_, entries) = self.page.as_ref()?;
+        entries.get((index % per_page) as usize).copied()
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    daemon: Arc<Daemon>,
+    write: W,
+    mut rx: mpsc::Receiver<Out>,
+    mut uploader: Uploader,
+    epoch: Instant,
+    peer: PeerKey,
+) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write);
+    let hello = uploader.hello(Limits::DEFAULT.frame_bytes_max);
+    if w.write_all(&encode(&Frame::Hello(hello))).await.is_err() || w.flush().await.is_err() {
+        return;
+    }
+    let mut serving: Option<(BlobId, Serving)> = None;
+    let result: Result<(), String> = async {
+        loop {
+            // Take what is queued without waiting.
+            loop {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        if handle_out(&daemon, &mut w, &mut uploader, epoch, m).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            // Send a few chunks, then look at the queue again.
+            let mut sent = 0;
+            while sent < 16 {
+                let Some(t) = uploader.poll_transmit(now(epoch)) else {
+                    break;
+                };
+                sent += 1;
+                match t {
+                    Transmit::Reject { request, code } => {
+                        w.write_all(&encode(&Frame::Reject { request, code }))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Transmit::Chunk {
+                        request,
+                        blob,
+                        chunk_index,
+                    } => {
+                        if serving.as_ref().map(|(b, _)| *b) != Some(blob) {
+                            let Some(reader) = daemon.served_blob(&blob) else {
+                                // Removed or quarantined since admission.
+                                uploader.handle_cancel(now(epoch), request);
+                                w.write_all(&encode(&Frame::Reject {
+                                    request,
+                                    code: RejectCode::UNAVAILABLE,
+                                }))
+                                .await
+                                .map_err(|e| e.to_string())?;
+                                continue;
+                            };
+                            serving = Some((blob, Serving { reader, page: None }));
+                        }
+                        let (_, s) = serving.as_mut().expect("set above");
+                        let Some(e) = s.entry(&daemon, chunk_index) else {
+                            return Err(format!("chunk {chunk_index} of {blob} has no entry"));
+                        };
+                        let Some(payload) = s.reader.range(e.offset, u64::from(e.len)) else {
+                            return Err(format!(
+                                "chunk {chunk_index} of {blob} is beyond its file"
+                            ));
+                        };
+                        let header = wire::data_header(
+                            request,
+                            chunk_index,
+                            payload.len(),
+                            &Limits::DEFAULT,
+                        )
+                        .map_err(|e| e.to_string())?;
+                        w.write_all(&header).await.map_err(|e| e.to_string())?;
+                        w.write_all(payload).await.map_err(|e| e.to_string())?;
+                        uploader.handle_sent(now(epoch), request, u64::from(e.len));
+                        daemon.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                        daemon
+                            .stats
+                            .bytes_served
+                            .fetch_add(u64::from(e.len), Ordering::Relaxed);
+                    }
+                }
+            }
+            if sent > 0 {
+                continue;
+            }
+            // Nothing to send right now: flush, then wait for a message or
+            // the uploader's next deadline (upload rate limit).
+            w.flush().await.map_err(|e| e.to_string())?;
+            let deadline = uploader
+                .next_timeout()
+                .map(|t| epoch + Duration::from_micros(t.as_micros()));
+            let m = match deadline {
+                Some(at) => tokio::select! {
+                    m = rx.recv() => m,
+                    _ = tokio::time::sleep_until(at.into()) => {
+                        uploader.handle_timeout(now(epoch));
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(m) = m else { return Ok(()) };
+            if handle_out(&daemon, &mut w, &mut uploader, epoch, m).await? {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(why) = result {
+        tracing::warn!("connection to {peer}: {why}");
+        let _ = w
+            .write_all(&encode(&Frame::Close {
+                code: CloseCode::INTERNAL,
+                text: &why,
+            }))
+            .await;
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+/// Handles one writer message; `Ok(true)` ends the connection.
+async fn handle_out<W: AsyncWrite + Unpin>(
+    daemon: &Daemon,
+    w: &mut BufWriter<W>,
+    uploader: &mut Uploader,
+    epoch: Instant,
+    m: Out,
+) -> Result<bool, String> {
+    let io = |e: std::io::Error| e.to_string();
+    match m {
+        Out::Frame(bytes) => w.write_all(&bytes).await.map_err(io)?,
+        Out::Close(code, text) => {
+            let mut text = text;
+            text.truncate(Limits::DEFAULT.close_text_bytes_max as usize);
+            while !text.is_char_boundary(text.len()) {
+                text.pop();
+            }
+            w.write_all(&encode(&Frame::Close { code, text: &text }))
+                .await
+                .map_err(io)?;
+            return Ok(true);
+        }
+        Out::Request(r) => {
+            let admitted = uploader.handle_request(now(epoch), &r, |r| resolve(daemon, r));
+            if let Err(e) = admitted {
+                let why = e.to_string();
+                tracing::warn!("closing connection: {why}");
+                w.write_all(&encode(&Frame::Close {
+                    code: e.close_code(),
+                    text: &why,
+                }))
+                .await
+                .map_err(io)?;
+                return Ok(true);
+            }
+        }
+        Out::Cancel(id) => uploader.handle_cancel(now(epoch), id),
+        Out::GetManifest(blob) => {
+            let frames = match daemon.served_blob(&blob) {
+                Some(r) => {
+                    let root = r.root().encode();
+                    let mut bytes = encode(&Frame::ManifestRoot { blob, root: &root });
+                    let have = HaveMap::all(blob, 0, r.root().chunk_count);
+                    bytes.extend_from_slice(&encode(&Frame::Have(have)));
+                    bytes
+                }
+                None => encode(&Frame::NotFound { blob }),
+            };
+            w.write_all(&frames).await.map_err(io)?;
+        }
+        Out::GetManifestPage(blob, page) => {
+            let bytes = daemon
+                .served_blob(&blob)
+                .and_then(|_| daemon.store.page_bytes(&blob, page).ok());
+            let frame = match &bytes {
+                Some(b) => encode(&Frame::ManifestPage {
+                    blob,
+                    page,
+                    bytes: b,
+                }),
+                None => encode(&Frame::NotFound { blob }),
+            };
+            w.write_all(&frame).await.map_err(io)?;
+        }
+    }
+    Ok(false)
+}
+
+/// The uploader's admission lookup: the run's bytes, or why not.
+fn resolve(daemon: &Daemon, r: &Request) -> Result<u64, RejectCode> {
+    let reader = daemon.served_blob(&r.blob).ok_or(RejectCode::NOT_HELD)?;
+    let root = reader.root();
+    let end = r
+        .first_chunk
+        .checked_add(u64::from(r.chunk_count))
+        .ok_or(RejectCode::NOT_HELD)?;
+    if r.chunk_count == 0 || end > root.chunk_count {
+        return Err(RejectCode::NOT_HELD);
+    }
+    // Offsets are contiguous: the run's bytes are end offset − start offset.
+    let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
+    let entry = |i: u64| -> Result<ChunkEntry, RejectCode> {
+        let page = daemon
+            .store
+            .page(&r.blob, root, (i / per_page) as u32)
+            .map_err(|_| RejectCode::UNAVAILABLE)?;
+        page.get((i % per_page) as usize)
+            .copied()
+            .ok_or(RejectCode::NOT_HELD)
+    };
+    let first = entry(r.first_chunk)?;
+    let last = entry(end - 1)?;
+    Ok(last.end() - first.offset)
+}

@@ -1,0 +1,290 @@
+//! The daemon side of the control socket (framing in `crate::control`).
+
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::Daemon;
+use super::fetch;
+use crate::cli::{StoreCommand, exit};
+use crate::control::{self, ProgressReport, Request};
+use crate::store_cmd::{self, Ctx, ProgressTo};
+
+/// Output frames queued between a command and the socket.
+const FRAME_QUEUE: usize = 16;
+
+/// Binds the control socket. A socket file left by a daemon that died is
+/// replaced; one a live daemon answers on is an error.
+pub(super) fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "another envoy daemon is already running (it answers on {})",
+            path.display()
+        );
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    // Any local user may ask; what each may do is decided per request from
+    // its peer credentials.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+pub(super) async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let daemon = Arc::clone(&daemon);
+        tokio::spawn(async move {
+            if let Err(e) = client(daemon, stream).await {
+                tracing::debug!("control client: {e:#}");
+            }
+        });
+    }
+}
+
+/// Sends output frames from a blocking command to the socket.
+#[derive(Clone)]
+struct Frames(mpsc::Sender<(u8, Vec<u8>)>);
+
+impl Frames {
+    fn send_blocking(&self, kind: u8, body: Vec<u8>) -> io::Result<()> {
+        self.0
+            .blocking_send((kind, body))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "control client went away"))
+    }
+}
+
+/// A `Write` that becomes frames of one kind.
+struct FrameWriter {
+    frames: Frames,
+    kind: u8,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    fn new(frames: Frames, kind: u8) -> Self {
+        FrameWriter {
+            frames,
+            kind,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl Write for FrameWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= control::OUTPUT_SLICE_BYTES {
+            self.flush()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.buf.is_empty() {
+            let n = self.buf.len().min(control::OUTPUT_SLICE_BYTES);
+            let rest = self.buf.split_off(n);
+            let body = std::mem::replace(&mut self.buf, rest);
+            self.frames.send_blocking(self.kind, body)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
+    let uid = stream.peer_cred().context("no peer credentials")?.uid();
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).await?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    if head[4] != control::KIND_REQUEST || len > control::FRAME_BYTES_MAX {
+        bail!("bad request frame");
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body).await?;
+    let request: Request = serde_json::from_slice(&body).context("bad request")?;
+
+    let (tx, mut rx) = mpsc::channel::<(u8, Vec<u8>)>(FRAME_QUEUE);
+    let frames = Frames(tx);
+    let work = {
+        let daemon = Arc::clone(&daemon);
+        let frames = frames.clone();
+        tokio::spawn(async move { dispatch(daemon, uid, request, frames).await })
+    };
+    drop(frames);
+    while let Some((kind, body)) = rx.recv().await {
+        let mut head = [0u8; 5];
+        head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        head[4] = kind;
+        if stream.write_all(&head).await.is_err() || stream.write_all(&body).await.is_err() {
+            // The client went away: stop producing (senders see BrokenPipe).
+            drop(rx);
+            let _ = work.await;
+            return Ok(());
+        }
+    }
+    let code = work.await.unwrap_or(exit::ERROR);
+    stream
+        .write_all(&[1, 0, 0, 0, control::KIND_EXIT, code])
+        .await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+fn remote_progress(frames: &Frames) -> ProgressTo {
+    let frames = frames.clone();
+    ProgressTo::Remote(Arc::new(move |label: &str, done, total| {
+        let report = ProgressReport {
+            label: label.to_owned(),
+            done,
+            total,
+        };
+        if let Ok(body) = serde_json::to_vec(&report) {
+            // Progress may be dropped when the client reads slowly.
+            let _ = frames.0.try_send((control::KIND_PROGRESS, body));
+        }
+    }))
+}
+
+async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frames) -> u8 {
+    match request {
+        Request::Store { cmd, json } => {
+            let names_path = matches!(
+                cmd,
+                StoreCommand::Add { .. }
+                    | StoreCommand::Assemble { .. }
+                    | StoreCommand::Export { .. }
+            );
+            if names_path && uid != 0 && uid != engine::sys::current_uid() {
+                let mut err = FrameWriter::new(frames, control::KIND_STDERR);
+                let _ = writeln!(
+                    err,
+                    "envoy: the daemon runs as uid {} and does not open paths for uid {uid}; \
+                     run this as root or as the daemon's user",
+                    engine::sys::current_uid()
+                );
+                return exit::ERROR;
+            }
+            let removes = match &cmd {
+                StoreCommand::Rm { id } => id.parse().ok(),
+                _ => None,
+            };
+            let store = Arc::clone(&daemon.store);
+            let progress = remote_progress(&frames);
+            let code = tokio::task::spawn_blocking(move || {
+                let mut out = FrameWriter::new(frames.clone(), control::KIND_STDOUT);
+                let mut err = FrameWriter::new(frames, control::KIND_STDERR);
+                let mut ctx = Ctx {
+                    json,
+                    uid,
+                    out: &mut out,
+                    err: &mut err,
+                    progress,
+                };
+                match store_cmd::execute(&store, &mut ctx, cmd) {
+                    Ok(()) => exit::OK,
+                    Err(code) => code,
+                }
+            })
+            .await
+            .unwrap_or(exit::ERROR);
+            if let Some(id) = removes {
+                daemon.forget_served(&id);
+            }
+            code
+        }
+        Request::Status { json } => {
+            let text = super::status_report(&daemon, json);
+            let _ = frames
+                .0
+                .send((control::KIND_STDOUT, text.into_bytes()))
+                .await;
+            exit::OK
+        }
+        Request::Fetch(req) => {
+            let json = req.json;
+            let progress = {
+                let frames = frames.clone();
+                move |label: &str, done: u64, total: u64| {
+                    let report = ProgressReport {
+                        label: label.to_owned(),
+                        done,
+                        total,
+                    };
+                    if let Ok(body) = serde_json::to_vec(&report) {
+                        let _ = frames.0.try_send((control::KIND_PROGRESS, body));
+                    }
+                }
+            };
+            match fetch::fetch(Arc::clone(&daemon), req, uid, progress).await {
+                Ok(outcome) => {
+                    let text = if json {
+                        serde_json::to_string(&outcome).unwrap_or_default() + "\n"
+                    } else {
+                        format!("{}\n", outcome.id)
+                    };
+                    let _ = frames
+                        .0
+                        .send((control::KIND_STDOUT, text.into_bytes()))
+                        .await;
+                    if !json {
+                        let summary = if outcome.already_complete {
+                            format!("{}: already held here, nothing fetched\n", outcome.id)
+                        } else {
+                            format!(
+                                "fetched {} bytes in {} chunks in {:.2} s ({:.3} GB/s); {} bytes from local blobs, {} resumed\n",
+                                outcome.bytes_fetched,
+                                outcome.chunks_fetched,
+                                outcome.seconds,
+                                outcome.bytes_fetched as f64 / outcome.seconds.max(1e-9) / 1e9,
+                                outcome.bytes_local,
+                                outcome.bytes_resumed
+                            )
+                        };
+                        let _ = frames
+                            .0
+                            .send((control::KIND_STDERR, summary.into_bytes()))
+                            .await;
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    tracing::warn!("fetch failed: {e:#}");
+                    let text = format!("envoy: fetch failed: {e:#}\n");
+                    let _ = frames
+                        .0
+                        .send((control::KIND_STDERR, text.into_bytes()))
+                        .await;
+                    exit::ERROR
+                }
+            }
+        }
+    }
+}

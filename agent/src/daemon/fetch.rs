@@ -1,0 +1,717 @@
+//! `envoy fetch`: one blob from one or more peers at once.
+//!
+//! 1. Dial every source (mTLS, the verifier seam decides), ask each for the
+//!    manifest root; verify the first root against the id, fetch the pages
+//!    round robin from the peers that answered, verifying each against the
+//!    root (`wire::ManifestAssembler`). A partial blob left by an earlier
+//!    run (resume) already has its manifest.
+//! 2. Check free space (blob + `limits.reserve_bytes`), register the partial
+//!    blob (its blocks are reserved up front), copy every chunk already held
+//!    locally by any blob (delta), and list what is still missing.
+//! 3. Drive `substrate::sched::Scheduler`: requests go out through each
+//!    connection's writer; chunks are verified and written by the
+//!    connections' readers; verdicts come back here. A bad chunk bans its
+//!    sender for this blob (logged with its key; it is told with
+//!    `BadChunk`); a stalled or dead peer is dropped and its work reissued.
+//! 4. Every `COMMIT_BYTES` or `COMMIT_INTERVAL`, what was written is made
+//!    durable and recorded present (one fsync for many chunks): a SIGKILL
+//!    loses at most that window, and a new fetch resumes from the rest.
+//! 5. When complete: final commit, seal, report.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use engine::hash::BlobId;
+use engine::manifest::{Manifest, ManifestLimits};
+use engine::store::{BlobState, Owner, PartialWriter, StoreError};
+use serde::Serialize;
+use substrate::sched::{BanReason, DataOutcome, Event, PeerCredit, PeerId, SchedConfig, Scheduler};
+use substrate::wire::{self, CloseCode, Frame, Hello, Limits, ManifestAssembler};
+use tokio::sync::mpsc;
+
+use super::Daemon;
+use super::conn::{ConnHandle, PeerEvent, Tap, encode};
+use crate::control::FetchRequest;
+
+/// Bytes written between two commits (fsync + presence).
+const COMMIT_BYTES: u64 = 256 << 20;
+/// Longest time between two commits while chunks arrive.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
+/// A fetch with no progress at all (no frame from any peer) for this long
+/// gives up.
+const NO_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Subsystem recorded as the owner of fetched blobs.
+const FETCH_SUBSYSTEM: &str = "fetch";
+
+/// What a fetch did, for the CLI (`--json` prints it).
+#[derive(Debug, Serialize)]
+pub struct FetchOutcome {
+    pub id: String,
+    pub size: u64,
+    pub chunks: u64,
+    /// Already complete here before this fetch.
+    pub already_complete: bool,
+    /// Chunk bytes received from peers and kept.
+    pub bytes_fetched: u64,
+    pub chunks_fetched: u64,
+    /// Bytes copied from blobs already held here (delta).
+    pub bytes_local: u64,
+    /// Bytes already present from an earlier, interrupted fetch (resume).
+    pub bytes_resumed: u64,
+    pub seconds: f64,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerReport {
+    pub addr: String,
+    pub key: Option<String>,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub banned: bool,
+    pub error: Option<String>,
+}
+
+struct Peer {
+    addr: String,
+    conn: Option<ConnHandle>,
+    hello: Option<Hello>,
+    /// The peer's latest `Have` for this blob, encoded.
+    have: Option<Vec<u8>>,
+    root_answered: bool,
+    not_found: bool,
+    joined: bool,
+    banned: bool,
+    bytes: u64,
+    chunks: u64,
+    error: Option<String>,
+}
+
+impl Peer {
+    fn alive(&self) -> bool {
+        self.conn.is_some()
+    }
+}
+
+type Events = mpsc::UnboundedReceiver<(PeerId, PeerEvent)>;
+
+pub(crate) async fn fetch(
+    daemon: Arc<Daemon>,
+    req: FetchRequest,
+    uid: u32,
+    progress: impl Fn(&str, u64, u64) + Send + Sync,
+) -> Result<FetchOutcome> {
+    let started = Instant::now();
+    let id: BlobId = req
+        .id
+        .parse()
+        .map_err(|e| anyhow!("{:?} is not a blob id: {e}", req.id))?;
+    let _busy = daemon.begin_fetch(id)?;
+    let owner = Owner::new(uid, FETCH_SUBSYSTEM);
+    let store = Arc::clone(&daemon.store);
+    let known = match store.info(&id) {
+        Ok(info) => Some(info),
+        Err(StoreError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(info) = &known
+        && info.state == BlobState::Complete
+    {
+        let s = Arc::clone(&store);
+        let m = s.manifest(&id)?;
+        blocking(move || s.begin_partial(&m, &owner)).await?;
+        return Ok(FetchOutcome {
+            id: id.to_string(),
+            size: info.size,
+            chunks: info.chunks,
+            already_complete: true,
+            bytes_fetched: 0,
+            chunks_fetched: 0,
+            bytes_local: 0,
+            bytes_resumed: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            peers: Vec::new(),
+        });
+    }
+
+    // 1. Sources.
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let writer_slot: Arc<OnceLock<Arc<PartialWriter>>> = Arc::new(OnceLock::new());
+    let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot).await?;
+    drop(events_tx);
+    for p in peers.values() {
+        if let Some(c) = &p.conn {
+            c.send(encode(&Frame::GetManifest { blob: id })).await;
+        }
+    }
+
+    // 2. Manifest, then the partial blob.
+    let resumed = known.is_some_and(|i| i.state == BlobState::Partial);
+    let manifest = if resumed {
+        store.manifest(&id)?
+    } else {
+        receive_manifest(&id, &mut peers, &mut events).await?
+    };
+    let total = manifest.root.total_bytes;
+    if !resumed {
+        check_space(&daemon, total)?;
+    }
+    let lens = chunk_lens(&manifest)?;
+    let (before, missing) = {
+        let s = Arc::clone(&store);
+        blocking(move || {
+            s.begin_partial(&manifest, &owner)?;
+            let before = s.missing_chunks(&id)?;
+            s.assemble_local(&id)?;
+            let missing = s.missing_chunks(&id)?;
+            Ok::<_, StoreError>((before, missing))
+        })
+        .await?
+    };
+    let writer = Arc::new(store.partial_writer(&id)?);
+    let _ = writer_slot.set(Arc::clone(&writer));
+    let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
+    let (before_bytes, missing_bytes) = (sum(&before), sum(&missing));
+    let bytes_resumed = total - before_bytes;
+    let bytes_local = before_bytes - missing_bytes;
+    drop(before);
+    tracing::info!(
+        "fetching {id}: {total} bytes, {} chunks; {bytes_local} bytes copied from local blobs, {bytes_resumed} resumed, {missing_bytes} to fetch",
+        lens.len(),
+    );
+
+    // 3. Schedule.
+    let epoch = Instant::now();
+    let now = || substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64);
+    let config = SchedConfig {
+        download_bytes_per_s: daemon.config.rate.download_bytes_per_s,
+        seed: u64::from_le_bytes(daemon.host.0[..8].try_into().expect("8 bytes"))
+            ^ epoch.elapsed().as_nanos() as u64,
+        ..SchedConfig::DEFAULT
+    };
+    let chunk_count = lens.len() as u64;
+    let mut sched = Scheduler::new(now(), config, id, lens, missing)
+        .map_err(|e| anyhow!("cannot schedule {id}: {e}"))?;
+    for (&pid, p) in peers.iter_mut() {
+        try_join(&mut sched, now(), pid, p);
+    }
+
+    let mut pending: Vec<u64> = Vec::new();
+    let mut pending_bytes = 0u64;
+    let mut last_commit = Instant::now();
+    let mut commit: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
+    let mut fetched = (0u64, 0u64);
+    let mut last_progress = Instant::now();
+    let mut failure: Option<anyhow::Error> = None;
+    let mut last_event = Instant::now();
+    loop {
+        // Outputs first.
+        while let Some((pid, r)) = sched.poll_request(now()) {
+            if let Some(c) = peers.get(&pid).and_then(|p| p.conn.as_ref()) {
+                c.send(encode(&Frame::Request(r))).await;
+            }
+        }
+        while let Some((pid, request)) = sched.poll_cancel() {
+            if let Some(c) = peers.get(&pid).and_then(|p| p.conn.as_ref()) {
+                c.send(encode(&Frame::Cancel { request })).await;
+            }
+        }
+        let mut complete = false;
+        while let Some(ev) = sched.poll_event() {
+            match ev {
+                Event::Complete => complete = true,
+                Event::Banned { peer, reason } => {
+                    let p = peers.get_mut(&peer).expect("known peer");
+                    p.banned = true;
+                    let key = p
+                        .conn
+                        .as_ref()
+                        .map(|c| c.peer.to_string())
+                        .unwrap_or_default();
+                    match reason {
+                        BanReason::BadChunk { chunk_index } => {
+                            tracing::warn!(
+                                "peer {} ({key}) sent a corrupt chunk {chunk_index} of {id}: banned for this blob",
+                                p.addr
+                            );
+                            if let Some(c) = &p.conn {
+                                c.send(encode(&Frame::BadChunk {
+                                    blob: id,
+                                    chunk_index,
+                                }))
+                                .await;
+                                c.close(CloseCode::REFUSED, "sent a corrupt chunk").await;
+                            }
+                        }
+                        BanReason::Protocol(why) => {
+                            tracing::warn!(
+                                "peer {} ({key}) broke the protocol ({why}): banned for this blob",
+                                p.addr
+                            );
+                            if let Some(c) = &p.conn {
+                                c.close(CloseCode::PROTOCOL, why).await;
+                            }
+                        }
+                    }
+                    p.error = Some("banned".into());
+                }
+                Event::PeerDropped { peer, reason } => {
+                    let p = peers.get_mut(&peer).expect("known peer");
+                    tracing::warn!(
+                        "dropping peer {} from the fetch of {id}: {reason:?}",
+                        p.addr
+                    );
+                    p.error = Some(format!("{reason:?}"));
+                    if let Some(c) = p.conn.take() {
+                        c.close(CloseCode::IDLE, "stalled").await;
+                    }
+                }
+                Event::Stalled { chunks_unavailable } => {
+                    if peers
+                        .values()
+                        .all(|p| !p.alive() || p.joined || p.not_found)
+                    {
+                        failure = Some(anyhow!(
+                            "no reachable source holds the remaining {chunks_unavailable} chunks of {id}{}",
+                            peer_errors(&peers)
+                        ));
+                    }
+                }
+            }
+        }
+        if complete || failure.is_some() {
+            break;
+        }
+        let stats = sched.stats();
+        if last_progress.elapsed() >= Duration::from_millis(100) {
+            progress("fetching", stats.bytes_done, stats.bytes_total);
+            last_progress = Instant::now();
+        }
+        // Commit when enough was written, or it has been a while.
+        if commit.as_ref().is_some_and(|c| c.is_finished()) {
+            commit.take().expect("checked").await??;
+        }
+        if commit.is_none()
+            && !pending.is_empty()
+            && (pending_bytes >= COMMIT_BYTES || last_commit.elapsed() >= COMMIT_INTERVAL)
+        {
+            let w = Arc::clone(&writer);
+            let batch = std::mem::take(&mut pending);
+            pending_bytes = 0;
+            last_commit = Instant::now();
+            commit = Some(tokio::task::spawn_blocking(move || w.commit(&batch)));
+        }
+        let deadline = sched
+            .next_timeout()
+            .map(|t| epoch + Duration::from_micros(t.as_micros()))
+            .unwrap_or_else(|| Instant::now() + NO_PROGRESS_TIMEOUT)
+            .min(Instant::now() + COMMIT_INTERVAL);
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                sched.handle_timeout(now());
+                if !peers.values().any(Peer::alive) {
+                    failure = Some(anyhow!("every source is gone{}", peer_errors(&peers)));
+                } else if last_event.elapsed() >= NO_PROGRESS_TIMEOUT {
+                    failure = Some(anyhow!(
+                        "no source sent anything for {NO_PROGRESS_TIMEOUT:?}{}",
+                        peer_errors(&peers)
+                    ));
+                }
+                continue;
+            }
+        };
+        let Some((pid, ev)) = ev else {
+            failure = Some(anyhow!("every source is gone{}", peer_errors(&peers)));
+            break;
+        };
+        last_event = Instant::now();
+        let p = peers.get_mut(&pid).expect("known peer");
+        match ev {
+            PeerEvent::Data {
+                request,
+                index,
+                verdict,
+                bytes,
+            } => match sched.handle_data(now(), pid, request, index, verdict) {
+                DataOutcome::Accepted => {
+                    pending.push(index);
+                    pending_bytes += u64::from(bytes);
+                    p.bytes += u64::from(bytes);
+                    p.chunks += 1;
+                    fetched.0 += u64::from(bytes);
+                    fetched.1 += 1;
+                }
+                DataOutcome::Duplicate | DataOutcome::Stale | DataOutcome::Banned => {}
+                DataOutcome::Violation(why) => {
+                    tracing::warn!("peer {} broke the protocol: {why}", p.addr);
+                    if let Some(c) = p.conn.take() {
+                        c.close(CloseCode::PROTOCOL, why).await;
+                    }
+                }
+            },
+            PeerEvent::Frame(bytes) => {
+                on_frame(&mut sched, now(), &id, pid, p, &bytes, chunk_count)
+            }
+            PeerEvent::LocalError(e) => {
+                failure = Some(anyhow!("cannot write {id}: {e}"));
+                break;
+            }
+            PeerEvent::Closed(why) => {
+                if p.conn.take().is_some() {
+                    tracing::info!("source {} closed: {why}", p.addr);
+                    p.error.get_or_insert(why);
+                }
+                sched.handle_peer_lost(now(), pid);
+            }
+        }
+    }
+
+    // 4./5. Commit what was written (also on failure: resume keeps it).
+    if let Some(c) = commit.take() {
+        c.await??;
+    }
+    let w = Arc::clone(&writer);
+    blocking(move || w.commit(&pending)).await?;
+    for p in peers.values() {
+        if let Some(c) = &p.conn {
+            c.close(CloseCode::NORMAL, "").await;
+        }
+    }
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    drop(writer);
+    let s = Arc::clone(&store);
+    blocking(move || s.seal_partial(&id)).await?;
+    progress("fetching", total, total);
+    Ok(FetchOutcome {
+        id: id.to_string(),
+        size: total,
+        chunks: chunk_count,
+        already_complete: false,
+        bytes_fetched: fetched.0,
+        chunks_fetched: fetched.1,
+        bytes_local,
+        bytes_resumed,
+        seconds: started.elapsed().as_secs_f64(),
+        peers: peers
+            .into_values()
+            .map(|p| PeerReport {
+                key: None,
+                addr: p.addr,
+                bytes: p.bytes,
+                chunks: p.chunks,
+                banned: p.banned,
+                error: p.error,
+            })
+            .collect(),
+    })
+}
+
+async fn blocking<T: Send + 'static, E: Into<anyhow::Error> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("store task failed")?
+        .map_err(Into::into)
+}
+
+fn peer_errors(peers: &BTreeMap<PeerId, Peer>) -> String {
+    let errs: Vec<String> = peers
+        .values()
+        .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.addr)))
+        .collect();
+    if errs.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", errs.join("; "))
+    }
+}
+
+async fn dial_all(
+    daemon: &Arc<Daemon>,
+    from: &[String],
+    events: &mpsc::UnboundedSender<(PeerId, PeerEvent)>,
+    writer: &Arc<OnceLock<Arc<PartialWriter>>>,
+) -> Result<BTreeMap<PeerId, Peer>> {
+    if from.is_empty() {
+        bail!("no source given (--from HOST:PORT[,HOST:PORT…])");
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, addr) in from.iter().enumerate() {
+        let pid = PeerId(i as u64);
+        let tap = Tap {
+            peer: pid,
+            events: events.clone(),
+            writer: Arc::clone(writer),
+        };
+        let daemon = Arc::clone(daemon);
+        let addr = addr.clone();
+        tasks.spawn(async move {
+            let r = async {
+                let sock: SocketAddr = tokio::net::lookup_host(&addr)
+                    .await
+                    .with_context(|| format!("cannot resolve {addr}"))?
+                    .next()
+                    .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+                daemon.dial(sock, tap).await
+            }
+            .await;
+            (pid, addr, r)
+        });
+    }
+    let mut peers = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (pid, addr, r) = joined.context("dial task failed")?;
+        let (conn, error) = match r {
+            Ok(c) => (Some(c), None),
+            Err(e) => {
+                tracing::warn!("cannot use source {addr}: {e:#}");
+                (None, Some(format!("{e:#}")))
+            }
+        };
+        peers.insert(
+            pid,
+            Peer {
+                addr,
+                conn,
+                hello: None,
+                have: None,
+                root_answered: false,
+                not_found: false,
+                joined: false,
+                banned: false,
+                bytes: 0,
+                chunks: 0,
+                error,
+            },
+        );
+    }
+    if !peers.values().any(Peer::alive) {
+        bail!("could not reach any source{}", peer_errors(&peers));
+    }
+    Ok(peers)
+}
+
+/// Step 1: the manifest, verified part by part.
+async fn receive_manifest(
+    id: &BlobId,
+    peers: &mut BTreeMap<PeerId, Peer>,
+    events: &mut Events,
+) -> Result<Manifest> {
+    let mut asm = ManifestAssembler::new(*id, ManifestLimits::default());
+    let mut pages_asked = false;
+    loop {
+        if asm.root().is_some() && asm.pages_missing().next().is_none() {
+            return asm
+                .finish()
+                .map(|(m, _)| m)
+                .ok_or_else(|| anyhow!("manifest of {id} does not assemble"));
+        }
+        if !pages_asked && asm.root().is_some() {
+            pages_asked = true;
+            let holders: Vec<PeerId> = peers
+                .iter()
+                .filter(|(_, p)| p.alive() && p.root_answered)
+                .map(|(&k, _)| k)
+                .collect();
+            let missing: Vec<u32> = asm.pages_missing().collect();
+            for (i, page) in missing.into_iter().enumerate() {
+                let pid = holders[i % holders.len()];
+                if let Some(c) = &peers[&pid].conn {
+                    c.send(encode(&Frame::GetManifestPage { blob: *id, page }))
+                        .await;
+                }
+            }
+        }
+        if peers.values().all(|p| !p.alive() || p.not_found) {
+            bail!("none of the sources holds {id}{}", peer_errors(peers));
+        }
+        let Ok(Some((pid, ev))) = tokio::time::timeout(NO_PROGRESS_TIMEOUT, events.recv()).await
+        else {
+            bail!("no source answered for the manifest of {id} within {NO_PROGRESS_TIMEOUT:?}");
+        };
+        let p = peers.get_mut(&pid).expect("known peer");
+        let bytes = match ev {
+            PeerEvent::Frame(b) => b,
+            PeerEvent::Closed(why) => {
+                p.conn = None;
+                p.error.get_or_insert(why);
+                if pages_asked && asm.pages_missing().next().is_some() {
+                    // Ask the survivors for everything still missing.
+                    pages_asked = false;
+                }
+                continue;
+            }
+            PeerEvent::Data { .. } | PeerEvent::LocalError(_) => continue,
+        };
+        let Some(frame) = decode_one(&bytes) else {
+            continue;
+        };
+        let bad = |p: &mut Peer, why: String| {
+            tracing::warn!("source {} sent a bad manifest part for {id}: {why}", p.addr);
+            p.error = Some(why);
+            p.banned = true;
+            p.conn.take()
+        };
+        match frame {
+            Frame::Hello(h) => p.hello = Some(h),
+            Frame::ManifestRoot { blob, root } if blob == *id => {
+                p.root_answered = true;
+                if let Err(e) = asm.handle_root(root) {
+                    if let Some(c) = bad(p, format!("root: {e}")) {
+                        c.close(CloseCode::PROTOCOL, "bad manifest root").await;
+                    }
+                } else if pages_asked {
+                    // A late holder: it can serve pages another peer owes.
+                }
+            }
+            Frame::ManifestPage { blob, page, bytes } if blob == *id => {
+                if let Err(e) = asm.handle_page(page, bytes) {
+                    if let Some(c) = bad(p, format!("page {page}: {e}")) {
+                        c.close(CloseCode::PROTOCOL, "bad manifest page").await;
+                    }
+                    pages_asked = false;
+                }
+            }
+            Frame::NotFound { blob } if blob == *id => {
+                p.not_found = true;
+                p.error
+                    .get_or_insert_with(|| "does not hold the blob".into());
+                if pages_asked && asm.pages_missing().next().is_some() {
+                    pages_asked = false;
+                }
+            }
+            Frame::Have(h) if h.blob == *id => p.have = Some(bytes),
+            _ => {}
+        }
+    }
+}
+
+/// Decodes one encoded frame (as connections forward them).
+fn decode_one(bytes: &[u8]) -> Option<Frame<'_>> {
+    match wire::decode_frame(bytes, &Limits::DEFAULT) {
+        Ok(Some((frame, _))) => Some(frame),
+        _ => None,
+    }
+}
+
+/// Lengths of every chunk, page by page (4 bytes per chunk).
+fn chunk_lens(m: &Manifest) -> Result<Vec<u32>> {
+    let mut lens = Vec::with_capacity(m.root.chunk_count as usize);
+    for (i, page) in m.pages.iter().enumerate() {
+        for e in m.root.decode_page(i, page)? {
+            lens.push(e.len);
+        }
+    }
+    Ok(lens)
+}
+
+fn check_space(daemon: &Daemon, total: u64) -> Result<()> {
+    let dir = daemon.store.dir();
+    let reserve = daemon.config.limits.reserve_bytes;
+    let free = engine::sys::free_bytes(dir)
+        .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
+    if free < total.saturating_add(reserve) {
+        bail!(
+            "not enough disk space for this fetch: the blob needs {total} bytes and limits.reserve_bytes keeps {reserve} free, but {} has {free} bytes available; nothing was fetched",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Joins a peer to the scheduler once it has both sent `Hello` and a `Have`.
+fn try_join(sched: &mut Scheduler, now: substrate::Timestamp, pid: PeerId, p: &mut Peer) {
+    if p.joined || p.banned || !p.alive() {
+        return;
+    }
+    let (Some(hello), Some(have)) = (p.hello, p.have.as_ref()) else {
+        return;
+    };
+    let Some(Frame::Have(map)) = decode_one(have) else {
+        return;
+    };
+    match sched.handle_peer_joined(now, pid, PeerCredit::from_hello(&hello), &map) {
+        Ok(()) => p.joined = true,
+        Err(e) => {
+            tracing::warn!("source {} cannot join the fetch: {e}", p.addr);
+            p.error = Some(e.to_string());
+        }
+    }
+}
+
+fn on_frame(
+    sched: &mut Scheduler,
+    now: substrate::Timestamp,
+    id: &BlobId,
+    pid: PeerId,
+    p: &mut Peer,
+    bytes: &[u8],
+    _chunk_count: u64,
+) {
+    let Some(frame) = decode_one(bytes) else {
+        return;
+    };
+    match frame {
+        Frame::Hello(h) => {
+            p.hello = Some(h);
+            try_join(sched, now, pid, p);
+        }
+        Frame::Have(map) if map.blob == *id => {
+            if p.joined {
+                if let Err(e) = sched.handle_have_update(now, pid, &map) {
+                    tracing::warn!("source {} sent an unusable have-map: {e}", p.addr);
+                }
+            } else {
+                p.have = Some(bytes.to_vec());
+                try_join(sched, now, pid, p);
+            }
+        }
+        Frame::Reject { request, code } => sched.handle_reject(now, pid, request, code),
+        Frame::NotFound { blob } if blob == *id => {
+            p.not_found = true;
+            p.error
+                .get_or_insert_with(|| "does not hold the blob".into());
+        }
+        // Late manifest parts (we had them already) and anything else.
+        _ => {}
+    }
+}
+
+impl Daemon {
+    /// Marks `id` as being fetched; a second fetch of it waits for nothing
+    /// and fails (two fetches would write the same partial blob).
+    pub(crate) fn begin_fetch(self: &Arc<Self>, id: BlobId) -> Result<FetchGuard> {
+        let mut f = self.fetching.lock().expect("poisoned");
+        if !f.insert(id) {
+            bail!("{id} is already being fetched");
+        }
+        self.stats.fetches_started.fetch_add(1, Ordering::Relaxed);
+        Ok(FetchGuard {
+            daemon: Arc::clone(self),
+            id,
+        })
+    }
+}
+
+pub(crate) struct FetchGuard {
+    daemon: Arc<Daemon>,
+    id: BlobId,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        self.daemon
+            .fetching
+            .lock()
+            .expect("poisoned")
+            .remove(&self.id);
+    }
+}

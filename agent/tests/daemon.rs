@@ -1,0 +1,572 @@
+//! The envoy daemon end to end: real `envoy run` processes on 127.0.0.1
+//! talking mTLS to each other, driven through their control sockets the way
+//! an operator would (`envoy --config F store add`, `envoy fetch --out`).
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ERROR, OK, envoy};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// `common::run` for owned or borrowed commands.
+fn run(mut cmd: impl std::borrow::BorrowMut<Command>) -> common::Out {
+    common::run(cmd.borrow_mut())
+}
+
+/// One envoy: its state directory, config and (when started) process.
+struct Envoy {
+    dir: TempDir,
+    config: PathBuf,
+    child: Option<Child>,
+    key: String,
+    allow: Vec<String>,
+    extra: String,
+    listen: Option<String>,
+}
+
+impl Envoy {
+    fn new() -> Envoy {
+        Self::with_extra("")
+    }
+
+    /// `extra` is appended to the config (YAML).
+    fn with_extra(extra: &str) -> Envoy {
+        let dir = tempfile::Builder::new()
+            .prefix("vigo-daemon-test-")
+            .tempdir_in(std::env::temp_dir())
+            .unwrap();
+        let config = dir.path().join("envoy.yaml");
+        let mut e = Envoy {
+            config,
+            dir,
+            child: None,
+            key: String::new(),
+            allow: Vec::new(),
+            extra: extra.to_owned(),
+            listen: None,
+        };
+        e.write_config();
+        let out = run(e.cmd(&["id"]));
+        out.expect(OK);
+        e.key = out.text().trim().to_owned();
+        assert!(e.key.starts_with("ed25519:"), "host key: {}", e.key);
+        e
+    }
+
+    fn write_config(&self) {
+        let allow: Vec<String> = self.allow.iter().map(|k| format!("\"{k}\"")).collect();
+        let text = format!(
+            "state_dir: {}\nlisten: 127.0.0.1:0\npeers:\n  allow: [{}]\n{}",
+            self.dir.path().display(),
+            allow.join(", "),
+            self.extra
+        );
+        fs::write(&self.config, text).unwrap();
+    }
+
+    fn allow(&mut self, others: &[&Envoy]) {
+        self.allow = others.iter().map(|o| o.key.clone()).collect();
+        self.write_config();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = envoy();
+        c.arg("--config").arg(&self.config).args(args);
+        c
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = self
+            .cmd(&["run"])
+            .env("VIGO_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = run(self.cmd(&["--json", "status"]));
+            if out.code == Some(OK)
+                && let Some(listen) = out
+                    .text()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find_map(|v| v["daemon"]["listen"].as_str().map(str::to_owned))
+            {
+                self.listen = Some(listen);
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("envoy run exited {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.listen.clone().expect("started")
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("started");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon ignored SIGTERM: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// `store add` through the daemon; the blob id.
+    fn add(&self, path: &Path) -> String {
+        let out = run(self.cmd(&["store", "add"]).arg(path));
+        out.expect(OK);
+        out.text().trim().to_owned()
+    }
+
+    fn fetch(&self, id: &str, from: &[String], out: &Path) -> common::Out {
+        run(self
+            .cmd(&["--json", "fetch", id, "--from", &from.join(","), "--out"])
+            .arg(out))
+    }
+
+    fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- log of envoy {} ---\n{}", self.key, self.log());
+        }
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Three envoys that all admit each other, started.
+fn trio() -> (Envoy, Envoy, Envoy) {
+    let (mut a, mut b, mut c) = (Envoy::new(), Envoy::new(), Envoy::new());
+    a.allow(&[&b, &c]);
+    b.allow(&[&a, &c]);
+    c.allow(&[&a, &b]);
+    a.start();
+    b.start();
+    c.start();
+    (a, b, c)
+}
+
+fn pair() -> (Envoy, Envoy) {
+    let (mut a, mut b) = (Envoy::new(), Envoy::new());
+    a.allow(&[&b]);
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    (a, b)
+}
+
+#[test]
+fn fetch_from_one_peer_verifies_seals_and_exports() {
+    let (a, b) = pair();
+    let data = random(3 << 20, 1);
+    let id = a.add(&a.file("blob", &data));
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr()], &out_path);
+    out.expect(OK);
+    let report: Value = out.json();
+    assert_eq!(report["id"], id.as_str());
+    assert_eq!(report["bytes_fetched"], data.len() as u64);
+    assert_eq!(fs::read(&out_path).unwrap(), data, "exported bytes differ");
+    // Sealed in B's store (listed through B's daemon).
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    ls.expect(OK);
+    let blobs = ls.json();
+    assert_eq!(blobs[0]["id"], id.as_str());
+    assert_eq!(blobs[0]["state"], "complete");
+    // Fetching again moves nothing.
+    let again = b.fetch(&id, &[a.addr()], &b.dir.path().join("again.bin"));
+    again.expect(OK);
+    assert_eq!(again.json()["already_complete"], true);
+    assert_eq!(fs::read(b.dir.path().join("again.bin")).unwrap(), data);
+}
+
+#[test]
+fn fetch_pulls_from_two_sources_at_once() {
+    let (a, b, c) = trio();
+    let data = random(40 << 20, 2);
+    let id = a.add(&a.file("blob", &data));
+    assert_eq!(c.add(&c.file("blob", &data)), id);
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr(), c.addr()], &out_path);
+    out.expect(OK);
+    let report = out.json();
+    let peers = report["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    for p in peers {
+        assert!(
+            p["bytes"].as_u64().unwrap() > 0,
+            "a source sent nothing: {report}"
+        );
+    }
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+#[test]
+fn corrupt_source_is_banned_told_and_quarantines() {
+    let (a, b, c) = trio();
+    let data = random(24 << 20, 3);
+    let id = a.add(&a.file("blob", &data));
+    assert_eq!(c.add(&c.file("blob", &data)), id);
+    // Corrupt C's sealed copy every 512 KiB, so any run C serves is bad.
+    let blob_file = find_file(&c.dir.path().join("store"), id.trim_start_matches("v1-b3-"))
+        .expect("C's blob file");
+    let mut bytes = fs::read(&blob_file).unwrap();
+    for at in (1000..bytes.len()).step_by(512 << 10) {
+        bytes[at] ^= 0xff;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&blob_file)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr(), c.addr()], &out_path);
+    out.expect(OK);
+    assert_eq!(
+        fs::read(&out_path).unwrap(),
+        data,
+        "a corrupt chunk got through"
+    );
+    let report = out.json();
+    let bad = report["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == c.addr().as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(bad["banned"], true, "{report}");
+    assert!(
+        b.log().contains(&c.key),
+        "the ban must name the key: {}",
+        b.log()
+    );
+    assert!(
+        c.wait_log("blob quarantined"),
+        "C never re-verified: {}",
+        c.log()
+    );
+    let ls = run(c.cmd(&["--json", "store", "ls"]));
+    assert_eq!(ls.json()[0]["state"], "quarantined");
+}
+
+/// Finds `<dir>/**/name`.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in fs::read_dir(dir).ok()? {
+        let e = e.ok()?;
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(name))
+        {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[test]
+fn unknown_peer_is_refused_before_any_request() {
+    let (mut a, mut b) = (Envoy::new(), Envoy::new());
+    // A admits nobody; B admits A.
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let id = a.add(&a.file("blob", &random(1 << 20, 4)));
+    let out = b.fetch(&id, &[a.addr()], &b.dir.path().join("out.bin"));
+    out.expect(ERROR);
+    assert!(!b.dir.path().join("out.bin").exists());
+    assert!(
+        a.wait_log(&b.key),
+        "A must log the refused key: {}",
+        a.log()
+    );
+    let status = run(a.cmd(&["--json", "status"]));
+    assert!(
+        status.text().contains("\"chunks_served\":0"),
+        "{}",
+        status.text()
+    );
+}
+
+#[test]
+fn dead_source_is_skipped() {
+    let (a, b) = pair();
+    let data = random(2 << 20, 5);
+    let id = a.add(&a.file("blob", &data));
+    // Nothing listens on port 1 of 127.0.0.1.
+    let dead = "127.0.0.1:1".to_string();
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[dead.clone(), a.addr()], &out_path);
+    out.expect(OK);
+    let report = out.json();
+    let d = report["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == dead.as_str())
+        .unwrap()
+        .clone();
+    assert!(d["error"].is_string(), "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+#[test]
+fn sigkill_mid_fetch_resumes_without_refetching() {
+    let mut a = Envoy::new();
+    // 8 MiB/s: a 48 MiB fetch takes ~6 s, killed after 4 s.
+    let mut b = Envoy::with_extra("rate:\n  download_bytes_per_s: 8388608\n");
+    a.allow(&[&b]);
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let data = random(48 << 20, 6);
+    let id = a.add(&a.file("blob", &data));
+    let out_path = b.dir.path().join("out.bin");
+    let fetching = b
+        .cmd(&["--json", "fetch", &id, "--from", &a.addr()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    b.kill();
+    let _ = fetching.wait_with_output();
+    // Restart without the rate limit and fetch again.
+    b.extra = String::new();
+    b.write_config();
+    b.start();
+    let out = b.fetch(&id, &[a.addr()], &out_path);
+    out.expect(OK);
+    let report = out.json();
+    let resumed = report["bytes_resumed"].as_u64().unwrap();
+    let fetched = report["bytes_fetched"].as_u64().unwrap();
+    assert!(resumed >= 8 << 20, "too little survived the kill: {report}");
+    assert_eq!(resumed + fetched, data.len() as u64, "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+#[test]
+fn delta_fetch_moves_only_missing_chunks() {
+    let (a, b) = pair();
+    let old = random(16 << 20, 7);
+    let mut new = old.clone();
+    // Change 64 KiB in the middle.
+    for x in &mut new[8 << 20..(8 << 20) + (64 << 10)] {
+        *x = x.wrapping_add(1);
+    }
+    b.add(&b.file("old", &old));
+    let id = a.add(&a.file("new", &new));
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr()], &out_path);
+    out.expect(OK);
+    let report = out.json();
+    let fetched = report["bytes_fetched"].as_u64().unwrap();
+    let local = report["bytes_local"].as_u64().unwrap();
+    assert!(
+        fetched < 1 << 20,
+        "fetched {fetched} bytes for a 64 KiB change: {report}"
+    );
+    assert_eq!(fetched + local, new.len() as u64, "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), new);
+}
+
+#[test]
+fn store_commands_go_through_the_running_daemon() {
+    let (a, _b) = pair();
+    let data = random(1 << 20, 8);
+    let id = a.add(&a.file("blob", &data));
+    // The daemon owns the store: opening it directly is refused…
+    let direct = run(envoy()
+        .arg("--store")
+        .arg(a.dir.path().join("store"))
+        .args(["store", "ls"]));
+    direct.expect(ERROR);
+    assert!(direct.stderr.contains("in use by PID"), "{}", direct.stderr);
+    // …while the same commands through the socket work.
+    let cat = run(a.cmd(&["store", "cat", &id]));
+    cat.expect(OK);
+    assert_eq!(cat.stdout, data);
+    let export = a.dir.path().join("export.bin");
+    run(a.cmd(&["store", "export", &id]).arg(&export)).expect(OK);
+    assert_eq!(fs::read(&export).unwrap(), data);
+    run(a.cmd(&["store", "verify", "--full"])).expect(OK);
+    run(a.cmd(&["store", "cat", "v1-b3-00"])).expect(common::USAGE);
+}
+
+#[test]
+fn fetch_larger_than_free_space_is_refused_up_front() {
+    let mut a = Envoy::new();
+    // 1 PiB kept free: no disk here has that.
+    let mut b = Envoy::with_extra("limits:\n  reserve_bytes: 1125899906842624\n");
+    a.allow(&[&b]);
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let id = a.add(&a.file("blob", &random(1 << 20, 9)));
+    let out = b.fetch(&id, &[a.addr()], &b.dir.path().join("out.bin"));
+    out.expect(ERROR);
+    assert!(
+        out.stderr.contains("not enough disk space"),
+        "{}",
+        out.stderr
+    );
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    assert_eq!(
+        ls.json(),
+        serde_json::json!([]),
+        "nothing may be left behind"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
+    let (mut a, _b) = pair();
+    let socket = a.dir.path().join("envoy.sock");
+    assert!(socket.exists());
+    let status = a.stop();
+    assert!(status.success(), "exit {status}: {}", a.log());
+    assert!(!socket.exists());
+    // Without the daemon, store commands open the store directly again.
+    run(a.cmd(&["store", "ls"])).expect(OK);
+    let fetch = run(a.cmd(&["fetch", "v1-b3-00", "--from", "127.0.0.1:1"]));
+    fetch.expect(ERROR);
+    assert!(
+        fetch.stderr.contains("no daemon is running"),
+        "{}",
+        fetch.stderr
+    );
+}
+
+#[test]
+fn hostile_frame_closes_only_that_connection() {
+    use agent::identity::HostKey;
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let intruder = HostKey::generate().unwrap();
+    let (mut a, mut b) = (Envoy::new(), Envoy::new());
+    // A admits B and the intruder's key: the intruder is authenticated,
+    // just hostile.
+    a.allow = vec![b.key.clone(), intruder.public().to_string()];
+    a.write_config();
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let data = random(2 << 20, 10);
+    let id = a.add(&a.file("blob", &data));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
+    let received = rt.block_on(async {
+        let verifier = Arc::new(AllowList::new(vec![a_key]));
+        let connector =
+            tokio_rustls::TlsConnector::from(tls::client_config(&intruder, verifier).unwrap());
+        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
+        let (mut stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(peer, a_key);
+        // A header claiming a 4 GiB body of an unknown kind.
+        stream
+            .write_all(&[0xff, 0xff, 0xff, 0xff, 0xee, 0, 0, 0])
+            .await
+            .unwrap();
+        stream.flush().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+        got
+    });
+    // A answered with its Hello and then closed (a Close frame follows).
+    assert!(!received.is_empty());
+    assert!(a.wait_log("malformed frame"), "{}", a.log());
+    // A still serves everyone else.
+    let out_path = b.dir.path().join("out.bin");
+    b.fetch(&id, &[a.addr()], &out_path).expect(OK);
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
