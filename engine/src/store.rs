@@ -1085,8 +1085,15 @@ impl Store {
     ) -> Result<BlobState, StoreError> {
         let id = manifest.id();
         let limits = &self.options.limits;
-        // Re-check what came from outside against this store's limits.
-        let manifest = Manifest::from_bundle(&manifest.to_bundle(), limits)?;
+        // Re-check what came from outside against this store's limits, part
+        // by part (no copy of the whole manifest: it is ~23 MB at 4 GiB).
+        ManifestRoot::decode_verified(&manifest.root.encode(), &id, limits)?;
+        if manifest.pages.len() != manifest.root.pages.len() {
+            return Err(ManifestError::Inconsistent("page count differs from the root").into());
+        }
+        for (i, page) in manifest.pages.iter().enumerate() {
+            manifest.root.decode_page(i, page)?;
+        }
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
         if let Some(r) = self.index.blob(&id)?
             && r.state == BlobState::Quarantined
