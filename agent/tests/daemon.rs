@@ -570,3 +570,61 @@ fn hostile_frame_closes_only_that_connection() {
     b.fetch(&id, &[a.addr()], &out_path).expect(OK);
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
+
+#[test]
+fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
+    // Both sources upload at 8 MiB/s per connection, so 32 MiB take ~2 s.
+    let slow = "rate:\n  upload_bytes_per_s: 8388608\n";
+    let (mut a, mut b, mut c) = (
+        Envoy::with_extra(slow),
+        Envoy::new(),
+        Envoy::with_extra(slow),
+    );
+    a.allow(&[&b]);
+    b.allow(&[&a, &c]);
+    c.allow(&[&b]);
+    a.start();
+    b.start();
+    c.start();
+    let data = random(32 << 20, 11);
+    let id = a.add(&a.file("blob", &data));
+    assert_eq!(c.add(&c.file("blob", &data)), id);
+    let (a_addr, c_addr) = (a.addr(), c.addr());
+    let out_path = b.dir.path().join("out.bin");
+    let fetch = b
+        .cmd(&[
+            "--json",
+            "fetch",
+            &id,
+            "--from",
+            &format!("{a_addr},{c_addr}"),
+            "--out",
+        ])
+        .arg(&out_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    a.kill();
+    let out = fetch.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peer = |addr: &str| {
+        report["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["addr"] == addr)
+            .unwrap()
+            .clone()
+    };
+    assert!(peer(&a_addr)["error"].is_string(), "{report}");
+    assert!(peer(&a_addr)["bytes"].as_u64().unwrap() < data.len() as u64);
+    assert!(peer(&c_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
