@@ -209,19 +209,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
     peer: PeerKey,
 ) -> String {
     let mut decoder = Decoder::new(Limits::DEFAULT);
-    let mut buf = vec![0u8; READ_BYTES];
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
     loop {
-        let n = tokio::select! {
-            r = tokio::time::timeout(idle, read.read(&mut buf)) => match r {
+        tokio::select! {
+            r = tokio::time::timeout(idle, read.read_buf(decoder.receive_buffer(READ_BYTES))) => match r {
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
                     let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
                     return why;
                 }
                 Ok(Ok(0)) => return "closed by peer".into(),
-                Ok(Ok(n)) => n,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => return format!("read failed: {e}"),
             },
             _ = shutdown.changed() => {
@@ -229,7 +228,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return "shutting down".into();
             }
         };
-        decoder.feed(&buf[..n]);
         loop {
             let frame = match decoder.poll_frame() {
                 Ok(Some(f)) => f,

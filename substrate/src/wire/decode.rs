@@ -433,6 +433,23 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The buffer to receive at least `min` more bytes into, straight from
+    /// the socket (e.g. tokio's `read_buf`, which appends into spare
+    /// capacity): saves the staging copy [`Decoder::feed`] makes. The caller
+    /// may only append; what is already in it belongs to the decoder.
+    pub fn receive_buffer(&mut self, min: usize) -> &mut Vec<u8> {
+        if self.failed.is_some() {
+            // Nothing fed after a failure is ever decoded: keep it empty.
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(min);
+        &mut self.buf
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn poll_frame(&mut self) -> Result<Option<Frame<'_>>, DecodeError> {
         if let Some(e) = &self.failed {

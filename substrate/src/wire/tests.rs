@@ -653,3 +653,30 @@ fn default_limits_are_consistent() {
     };
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn receive_buffer_appends_like_feed() {
+    let limits = Limits::DEFAULT;
+    let mut bytes = Vec::new();
+    for i in 0..5u64 {
+        encode(
+            &Frame::Cancel {
+                request: RequestId(i),
+            },
+            &limits,
+            &mut bytes,
+        )
+        .unwrap();
+    }
+    let mut d = Decoder::new(limits);
+    let mut got = Vec::new();
+    // Append in odd-sized pieces, draining frames between appends.
+    for piece in bytes.chunks(7) {
+        d.receive_buffer(piece.len()).extend_from_slice(piece);
+        while let Some(f) = d.poll_frame().unwrap() {
+            got.push(f.kind());
+        }
+    }
+    assert_eq!(got, vec![FrameKind::Cancel; 5]);
+    assert_eq!(d.buffered_bytes(), 0);
+}
