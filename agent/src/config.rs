@@ -19,8 +19,8 @@
 //!   idle_timeout_ms: 120000
 //!   reserve_bytes: 1073741824       # free space kept beyond a fetched blob
 //! rate:
-//!   upload_bytes_per_s: null        # token buckets; null = unlimited
-//!   download_bytes_per_s: null
+//!   upload_bytes_per_s: null        # token bucket over all peers; null = unlimited
+//!   download_bytes_per_s: null      # token bucket per fetch; null = unlimited
 //! ```
 
 use std::net::SocketAddr;
@@ -178,7 +178,9 @@ impl Config {
             credit_bytes: self.limits.credit_bytes,
             requests_in_flight_max: self.limits.requests_in_flight_max,
             requests_per_s: self.limits.requests_per_s,
-            upload_bytes_per_s: self.rate.upload_bytes_per_s,
+            // The daemon applies `rate.upload_bytes_per_s` to all
+            // connections together (one bucket), not per connection.
+            upload_bytes_per_s: None,
             ..substrate::serve::ServeLimits::DEFAULT
         };
         limits

@@ -628,3 +628,42 @@ fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
     assert!(peer(&c_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
+
+#[test]
+fn upload_limit_holds_across_all_peers_together() {
+    // A uploads at most 4 MiB/s in total (burst 4 MiB). B and C fetch 8 MiB
+    // each at the same time: 16 MiB need at least (16 - 4) / 4 = 3 s. A
+    // per-connection limit would let them finish in about 1 s.
+    let mut a = Envoy::with_extra("rate:\n  upload_bytes_per_s: 4194304\n");
+    let (mut b, mut c) = (Envoy::new(), Envoy::new());
+    a.allow(&[&b, &c]);
+    b.allow(&[&a]);
+    c.allow(&[&a]);
+    a.start();
+    b.start();
+    c.start();
+    let data = random(8 << 20, 12);
+    let id = a.add(&a.file("blob", &data));
+    let started = Instant::now();
+    let spawn = |e: &Envoy| {
+        e.cmd(&["fetch", &id, "--from", &a.addr()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (fb, fc) = (spawn(&b), spawn(&c));
+    for f in [fb, fc] {
+        let out = f.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "16 MiB left A in {took:?}: faster than its 4 MiB/s limit"
+    );
+}

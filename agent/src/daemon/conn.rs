@@ -408,7 +408,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             // Send a few chunks, then look at the queue again.
             let mut sent = 0;
+            let mut upload_wait = None;
             while sent < 16 {
+                if uploader.requests_in_flight() > 0 {
+                    upload_wait = daemon.upload_wait();
+                    if upload_wait.is_some() {
+                        break;
+                    }
+                }
                 let Some(t) = uploader.poll_transmit(now(epoch)) else {
                     break;
                 };
@@ -457,6 +464,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         w.write_all(&header).await.map_err(|e| e.to_string())?;
                         w.write_all(payload).await.map_err(|e| e.to_string())?;
                         uploader.handle_sent(now(epoch), request, u64::from(e.len));
+                        daemon.upload_sent(u64::from(e.len));
                         daemon.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
                         daemon
                             .stats
@@ -473,7 +481,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             w.flush().await.map_err(|e| e.to_string())?;
             let deadline = uploader
                 .next_timeout()
-                .map(|t| epoch + Duration::from_micros(t.as_micros()));
+                .map(|t| epoch + Duration::from_micros(t.as_micros()))
+                .into_iter()
+                .chain(upload_wait)
+                .min();
             let m = match deadline {
                 Some(at) => tokio::select! {
                     m = rx.recv() => m,

@@ -38,6 +38,9 @@ use crate::tls::{self, AllowList, PeerVerifier};
 
 pub use fetch::FetchOutcome;
 
+/// Burst of the daemon-wide upload bucket (at most one second's worth).
+const UPLOAD_BURST_BYTES: u64 = 4 << 20;
+
 /// State shared by every task of the daemon.
 pub struct Daemon {
     pub config: Config,
@@ -53,6 +56,10 @@ pub struct Daemon {
     /// Blobs being fetched (one fetch per blob at a time).
     fetching: Mutex<std::collections::HashSet<BlobId>>,
     shutdown: watch::Receiver<bool>,
+    /// `rate.upload_bytes_per_s`, shared by every connection.
+    upload: Option<Mutex<substrate::rate::TokenBucket>>,
+    /// The clock `upload` runs on.
+    epoch: std::time::Instant,
     pub stats: Stats,
 }
 
@@ -118,6 +125,14 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
         conns_by_peer: Mutex::new(HashMap::new()),
         fetching: Mutex::new(Default::default()),
         shutdown,
+        upload: config.rate.upload_bytes_per_s.map(|rate| {
+            Mutex::new(substrate::rate::TokenBucket::new(
+                substrate::Timestamp::ZERO,
+                rate,
+                UPLOAD_BURST_BYTES.min(rate),
+            ))
+        }),
+        epoch: std::time::Instant::now(),
         stats: Stats::default(),
         config,
     });
@@ -277,6 +292,26 @@ impl Daemon {
             .expect("poisoned")
             .insert(*id, Arc::clone(&reader));
         Some(reader)
+    }
+
+    /// When the daemon-wide upload limit allows the next chunk: `None` now.
+    pub(crate) fn upload_wait(&self) -> Option<std::time::Instant> {
+        let bucket = self.upload.as_ref()?;
+        let now = substrate::Timestamp::from_micros(self.epoch.elapsed().as_micros() as u64);
+        let mut b = bucket.lock().expect("poisoned");
+        if b.is_ready(now) {
+            return None;
+        }
+        b.ready_at()
+            .map(|t| self.epoch + Duration::from_micros(t.as_micros()))
+    }
+
+    /// Charges `bytes` sent to the daemon-wide upload limit.
+    pub(crate) fn upload_sent(&self, bytes: u64) {
+        if let Some(bucket) = &self.upload {
+            let now = substrate::Timestamp::from_micros(self.epoch.elapsed().as_micros() as u64);
+            bucket.lock().expect("poisoned").charge(now, bytes);
+        }
     }
 
     /// Stops serving `id` (removed or quarantined).
