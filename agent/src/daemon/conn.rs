@@ -19,12 +19,11 @@
 //! takes new messages (so a `Cancel` is seen promptly) and flushes when it
 //! has nothing more to send.
 //!
-//! # Copies per payload byte when serving (tokio-rustls path)
-//! mmap'd sealed file → `BufWriter` (1) → rustls plaintext into its record
-//! buffer (2) → encrypted in place → kernel socket buffer (3, the kernel's
-//! own copy). Receiving: kernel → rustls buffer (1) → decrypted in place →
-//! plaintext read into the `Decoder` buffer (2) → `pwrite` into the page
-//! cache (3, the kernel's).
+//! # Copies per payload byte
+//! See ARCHITECTURE.md ("The transfer data path"): serving, mapped file →
+//! `BufWriter` → rustls record buffer (encrypted in place) → kernel;
+//! receiving, kernel → rustls (decrypted in place) → the `Decoder`'s buffer
+//! (read straight into it) → `pwrite`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
