@@ -667,3 +667,32 @@ fn upload_limit_holds_across_all_peers_together() {
         "16 MiB left A in {took:?}: faster than its 4 MiB/s limit"
     );
 }
+
+#[test]
+fn blob_quarantined_by_verify_is_no_longer_served() {
+    let (a, b) = pair();
+    let data = random(1 << 20, 13);
+    let id = a.add(&a.file("blob", &data));
+    // Serve it once, so the daemon has it mapped.
+    b.fetch(&id, &[a.addr()], &b.dir.path().join("first.bin"))
+        .expect(OK);
+    run(b.cmd(&["store", "rm", &id])).expect(OK);
+    let blob_file = find_file(&a.dir.path().join("store"), id.trim_start_matches("v1-b3-"))
+        .expect("A's blob file");
+    // Corrupt one byte in place (never truncate a file a daemon maps).
+    let byte = fs::read(&blob_file).unwrap()[100] ^ 1;
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new().write(true).open(&blob_file).unwrap(),
+        &[byte],
+        100,
+    )
+    .unwrap();
+    run(a.cmd(&["store", "verify"])).expect(common::CORRUPT);
+    let out = b.fetch(&id, &[a.addr()], &b.dir.path().join("second.bin"));
+    out.expect(ERROR);
+    assert!(
+        out.stderr.contains("none of the sources holds"),
+        "{}",
+        out.stderr
+    );
+}

@@ -192,10 +192,6 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                 );
                 return exit::ERROR;
             }
-            let removes = match &cmd {
-                StoreCommand::Rm { id } => id.parse().ok(),
-                _ => None,
-            };
             let store = Arc::clone(&daemon.store);
             let progress = remote_progress(&frames);
             let code = tokio::task::spawn_blocking(move || {
@@ -215,9 +211,9 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
             })
             .await
             .unwrap_or(exit::ERROR);
-            if let Some(id) = removes {
-                daemon.forget_served(&id);
-            }
+            // A command may have removed, quarantined (verify) or cured
+            // (add) blobs: map them afresh on the next request.
+            daemon.forget_all_served();
             code
         }
         Request::Status { json } => {

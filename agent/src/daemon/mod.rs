@@ -314,6 +314,12 @@ impl Daemon {
         }
     }
 
+    /// Drops every mapped blob; each is opened (and its state checked)
+    /// again on its next request.
+    pub(crate) fn forget_all_served(&self) {
+        self.served.lock().expect("poisoned").clear();
+    }
+
     /// Stops serving `id` (removed or quarantined).
     pub(crate) fn forget_served(&self, id: &BlobId) {
         self.served.lock().expect("poisoned").remove(id);
