@@ -14,7 +14,7 @@ use super::Daemon;
 use super::fetch;
 use crate::cli::{StoreCommand, exit};
 use crate::control::{self, ProgressReport, Request};
-use crate::store_cmd::{self, Ctx, ProgressTo};
+use crate::store_cmd::{self, Ctx, ProgressFn, ProgressTo};
 
 /// Output frames queued between a command and the socket.
 const FRAME_QUEUE: usize = 16;
@@ -158,19 +158,19 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
     Ok(())
 }
 
-fn remote_progress(frames: &Frames) -> ProgressTo {
+/// Progress reports as `P` frames (dropped when the client reads slowly).
+fn progress_frames(frames: &Frames) -> ProgressFn {
     let frames = frames.clone();
-    ProgressTo::Remote(Arc::new(move |label: &str, done, total| {
+    Arc::new(move |label: &str, done, total| {
         let report = ProgressReport {
             label: label.to_owned(),
             done,
             total,
         };
         if let Ok(body) = serde_json::to_vec(&report) {
-            // Progress may be dropped when the client reads slowly.
             let _ = frames.0.try_send((control::KIND_PROGRESS, body));
         }
-    }))
+    })
 }
 
 async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frames) -> u8 {
@@ -193,7 +193,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                 return exit::ERROR;
             }
             let store = Arc::clone(&daemon.store);
-            let progress = remote_progress(&frames);
+            let progress = ProgressTo::Remote(progress_frames(&frames));
             let code = tokio::task::spawn_blocking(move || {
                 let mut out = FrameWriter::new(frames.clone(), control::KIND_STDOUT);
                 let mut err = FrameWriter::new(frames, control::KIND_STDERR);
@@ -226,19 +226,8 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
         }
         Request::Fetch(req) => {
             let json = req.json;
-            let progress = {
-                let frames = frames.clone();
-                move |label: &str, done: u64, total: u64| {
-                    let report = ProgressReport {
-                        label: label.to_owned(),
-                        done,
-                        total,
-                    };
-                    if let Ok(body) = serde_json::to_vec(&report) {
-                        let _ = frames.0.try_send((control::KIND_PROGRESS, body));
-                    }
-                }
-            };
+            let report = progress_frames(&frames);
+            let progress = move |label: &str, done, total| report(label, done, total);
             match fetch::fetch(Arc::clone(&daemon), req, uid, progress).await {
                 Ok(outcome) => {
                     let text = if json {
