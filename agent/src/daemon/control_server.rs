@@ -88,28 +88,41 @@ impl FrameWriter {
         FrameWriter {
             frames,
             kind,
-            buf: Vec::new(),
+            buf: Vec::with_capacity(control::OUTPUT_SLICE_BYTES),
         }
     }
 }
 
 impl Write for FrameWriter {
+    /// Small writes are gathered into one frame; large ones (a verified page
+    /// of a blob is up to 32 MiB) go out in frame-sized slices as they are.
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= control::OUTPUT_SLICE_BYTES {
-            self.flush()?;
+        let slice = control::OUTPUT_SLICE_BYTES;
+        let room = slice - self.buf.len();
+        if bytes.len() < room {
+            self.buf.extend_from_slice(bytes);
+            return Ok(bytes.len());
         }
+        let (head, rest) = bytes.split_at(room);
+        self.buf.extend_from_slice(head);
+        self.flush()?;
+        let mut pieces = rest.chunks_exact(slice);
+        for piece in &mut pieces {
+            self.frames.send_blocking(self.kind, piece.to_vec())?;
+        }
+        self.buf.extend_from_slice(pieces.remainder());
         Ok(bytes.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        while !self.buf.is_empty() {
-            let n = self.buf.len().min(control::OUTPUT_SLICE_BYTES);
-            let rest = self.buf.split_off(n);
-            let body = std::mem::replace(&mut self.buf, rest);
-            self.frames.send_blocking(self.kind, body)?;
+        if self.buf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let body = std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(control::OUTPUT_SLICE_BYTES),
+        );
+        self.frames.send_blocking(self.kind, body)
     }
 }
 
