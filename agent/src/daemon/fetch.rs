@@ -521,6 +521,12 @@ async fn receive_manifest(
                 .filter(|(_, p)| p.alive() && p.root_answered)
                 .map(|(&k, _)| k)
                 .collect();
+            if holders.is_empty() {
+                bail!(
+                    "every source that sent the manifest root of {id} is gone{}",
+                    peer_errors(peers)
+                );
+            }
             let missing: Vec<u32> = asm.pages_missing().collect();
             for (i, page) in missing.into_iter().enumerate() {
                 let pid = holders[i % holders.len()];
