@@ -11,9 +11,12 @@
 //!   memory maps of sealed files.
 //! - `uring` (Linux only): the io_uring writer and the probe that decides
 //!   whether it can run in this process.
+//! - `hash_batch`: many BLAKE3 hashes at once, one SIMD lane per message
+//!   (the CPU's lanes come from `blake3`'s own dispatch).
 //! - `probe`: what the platform offers (kernel version, io_uring opcodes,
 //!   kernel TLS), for `envoy status` and the envoy's traits.
 
+pub mod hash_batch;
 pub mod pool;
 pub mod probe;
 mod unix;
