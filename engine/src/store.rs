@@ -314,6 +314,9 @@ const SPACE_MARGIN_BYTES: u64 = 16 << 20;
 /// Manifest pages per index transaction when sealing or removing: bounds the
 /// transaction's dirty memory (~12 MiB for 32 pages of 4096 chunks).
 const PAGES_PER_TX: u32 = 32;
+/// Chunks hashed together by `verify` (~2.5 MiB at the default chunk size):
+/// enough to keep every SIMD lane busy across chunk lengths.
+const VERIFY_BATCH_CHUNKS: usize = 256;
 
 impl Store {
     /// Opens (creating if needed) the store at `dir`, takes its lock, checks
@@ -1000,35 +1003,57 @@ impl Store {
         }
         let map = SealedMap::new(&file, found).map_err(StoreError::io("cannot map", &path))?;
         let bytes = map.bytes();
+        let firsts: Vec<u64> = root
+            .pages
+            .iter()
+            .scan(0u64, |next, p| {
+                let first = *next;
+                *next += u64::from(p.chunk_count);
+                Some(first)
+            })
+            .collect();
+        // One task per manifest page (4096 chunks, ~32 MiB): it maps its own
+        // range and hashes its chunks in SIMD batches, so both cores fault
+        // pages in and hash without waiting for each other between pages.
+        let pages: Vec<Result<Vec<Problem>, String>> = (0..root.pages.len() as u32)
+            .into_par_iter()
+            .map(|page| {
+                let entries = self.index.page(id, root, page).map_err(|e| e.to_string())?;
+                let page_ref = root.pages[page as usize];
+                map.prefetch(page_ref.first_offset, page_ref.byte_len);
+                let first_index = firsts[page as usize];
+                let mut bad = Vec::new();
+                let mut hashes = vec![[0u8; 32]; VERIFY_BATCH_CHUNKS];
+                for (b, batch) in entries.chunks(VERIFY_BATCH_CHUNKS).enumerate() {
+                    let msgs: Vec<&[u8]> = batch
+                        .iter()
+                        .map(|e| &bytes[e.offset as usize..e.end() as usize])
+                        .collect();
+                    sys::hash_batch::hash_batch(&msgs, &mut hashes[..batch.len()]);
+                    for (i, (e, h)) in batch.iter().zip(&hashes).enumerate() {
+                        if *h != e.hash.0 {
+                            bad.push(Problem::CorruptChunk {
+                                index: first_index + (b * VERIFY_BATCH_CHUNKS + i) as u64,
+                                offset: e.offset,
+                                len: e.len,
+                            });
+                        }
+                    }
+                }
+                if let Some(p) = progress {
+                    p.done.fetch_add(page_ref.byte_len, Ordering::Relaxed);
+                }
+                Ok(bad)
+            })
+            .collect();
         let mut problems = Vec::new();
-        let mut first_index = 0u64;
-        for page in 0..root.pages.len() as u32 {
-            let entries = match self.index.page(id, root, page) {
-                Ok(e) => e,
-                Err(e) => {
-                    problems.push(Problem::Unreadable(e.to_string()));
+        for page in pages {
+            match page {
+                Ok(mut bad) => problems.append(&mut bad),
+                Err(why) => {
+                    problems.push(Problem::Unreadable(why));
                     return Ok(problems);
                 }
-            };
-            let page_ref = root.pages[page as usize];
-            map.prefetch(page_ref.first_offset, page_ref.byte_len);
-            let mut bad: Vec<Problem> = entries
-                .par_iter()
-                .enumerate()
-                .filter(|(_, e)| {
-                    ChunkHash::of(&bytes[e.offset as usize..e.end() as usize]) != e.hash
-                })
-                .map(|(i, e)| Problem::CorruptChunk {
-                    index: first_index + i as u64,
-                    offset: e.offset,
-                    len: e.len,
-                })
-                .collect();
-            problems.append(&mut bad);
-            first_index += entries.len() as u64;
-            if let Some(p) = progress {
-                p.done
-                    .fetch_add(root.pages[page as usize].byte_len, Ordering::Relaxed);
             }
         }
         if full {
