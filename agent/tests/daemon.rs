@@ -313,6 +313,7 @@ fn corrupt_source_is_banned_told_and_quarantines() {
         .unwrap()
         .clone();
     assert_eq!(bad["banned"], true, "{report}");
+    assert_eq!(bad["key"], c.key.as_str(), "{report}");
     assert!(
         b.log().contains(&c.key),
         "the ban must name the key: {}",

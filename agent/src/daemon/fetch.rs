@@ -78,6 +78,7 @@ pub struct PeerReport {
 
 struct Peer {
     addr: String,
+    key: Option<String>,
     conn: Option<ConnHandle>,
     hello: Option<Hello>,
     /// The peer's latest `Have` for this blob, encoded.
@@ -227,11 +228,7 @@ pub(crate) async fn fetch(
                 Event::Banned { peer, reason } => {
                     let p = peers.get_mut(&peer).expect("known peer");
                     p.banned = true;
-                    let key = p
-                        .conn
-                        .as_ref()
-                        .map(|c| c.peer.to_string())
-                        .unwrap_or_default();
+                    let key = p.key.clone().unwrap_or_default();
                     match reason {
                         BanReason::BadChunk { chunk_index } => {
                             tracing::warn!(
@@ -402,7 +399,7 @@ pub(crate) async fn fetch(
         peers: peers
             .into_values()
             .map(|p| PeerReport {
-                key: None,
+                key: p.key,
                 addr: p.addr,
                 bytes: p.bytes,
                 chunks: p.chunks,
@@ -480,6 +477,7 @@ async fn dial_all(
             pid,
             Peer {
                 addr,
+                key: conn.as_ref().map(|c| c.peer.to_string()),
                 conn,
                 hello: None,
                 have: None,
