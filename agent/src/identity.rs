@@ -143,8 +143,8 @@ impl fmt::Debug for HostKey {
 }
 
 impl HostKey {
-    /// Loads `<state_dir>/host.key` (PKCS#8 DER), or creates it (mode 0600, temp file
-    /// + fsync + link + directory fsync, see the module comment) when absent.
+    /// Loads `<state_dir>/host.key` (PKCS#8 DER), or creates it when absent (mode 0600;
+    /// temp file, fsync, link, directory fsync: see the module comment).
     /// Creates `state_dir` with mode 0700 if it is missing.
     ///
     /// Refuses, with an error naming the file, a key file that grants group or others

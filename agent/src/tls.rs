@@ -40,7 +40,8 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, PeerIncompatible,
+    SignatureScheme,
 };
 use tokio::net::TcpStream;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -385,6 +386,15 @@ fn refusal_from_rustls(e: &rustls::Error) -> Refusal {
         }
         rustls::Error::NoCertificatesPresented => Refusal::NoClientCert,
         rustls::Error::NoApplicationProtocol => Refusal::NoCommonAlpn,
+        rustls::Error::PeerIncompatible(
+            why @ (PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            | PeerIncompatible::ServerDoesNotSupportTls12Or13
+            | PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig),
+        ) => Refusal::Tls(format!(
+            "peer does not speak TLS 1.3, the only version we accept ({why:?})"
+        )),
         other => Refusal::Tls(other.to_string()),
     }
 }

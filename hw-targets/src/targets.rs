@@ -102,7 +102,15 @@ pub const TARGETS: &[Target] = &[
     Target {
         triple: "x86_64-apple-darwin",
         reach: Reach::Check,
-        needs: &[cmd("clang", "clang")],
+        // hw-targets/toolchain/darwin-x86_64-cc lends clang the host's glibc
+        // headers (ring's C includes <stdint.h> and <string.h>).
+        needs: &[
+            cmd("clang", "clang"),
+            file(
+                "/usr/include/x86_64-linux-gnu/bits/libc-header-start.h",
+                "libc6-dev",
+            ),
+        ],
         runner: None,
     },
     Target {
@@ -121,7 +129,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         triple: "x86_64-unknown-freebsd",
         reach: Reach::Check,
-        needs: &[cmd("clang", "clang")],
+        // CFLAGS_x86_64_unknown_freebsd adds the host's glibc multiarch headers.
+        needs: &[
+            cmd("clang", "clang"),
+            file(
+                "/usr/include/x86_64-linux-gnu/bits/libc-header-start.h",
+                "libc6-dev",
+            ),
+        ],
         runner: None,
     },
 ];
