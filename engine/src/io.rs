@@ -115,18 +115,24 @@ fn describe_uring_error(e: &io::Error) -> String {
     format!("{e}{hint}")
 }
 
+/// Positional writes the portable backend keeps in flight, one thread each.
+/// One synchronous 4 MiB direct write at a time left the disk idle between
+/// writes: a 4 GiB add took 16.4-16.5 s against 12.8-14.9 s on uring (8 in
+/// flight), same minutes, loaded machine.
+pub const PORTABLE_WRITES_IN_FLIGHT: usize = 4;
+
 /// The writer stage of one ingest or assembly: sequential slab writes to one
 /// file through the selected backend.
 pub(crate) enum SlabWriter {
     Uring(Box<UringWriter>),
-    Portable,
+    Portable(PortableWriter),
 }
 
 impl SlabWriter {
     pub(crate) fn new(backend: IoBackend, pool: &Arc<SlabPool>) -> io::Result<Self> {
         Ok(match backend {
             IoBackend::Uring => SlabWriter::Uring(Box::new(UringWriter::new(pool)?)),
-            IoBackend::Portable => SlabWriter::Portable,
+            IoBackend::Portable => SlabWriter::Portable(PortableWriter::new()?),
         })
     }
 
@@ -147,19 +153,18 @@ impl SlabWriter {
             }
             #[cfg(not(target_os = "linux"))]
             SlabWriter::Uring(_) => unreachable!("no uring writer exists off Linux"),
-            SlabWriter::Portable => {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(slab.padded(len), offset)
-            }
+            SlabWriter::Portable(w) => w.write(file, slab, len, offset),
         }
     }
 
-    /// Writes queued and not yet completed (always 0 for portable).
+    /// Writes queued and not yet completed.
     pub(crate) fn in_flight(&self) -> usize {
         match self {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.in_flight(),
-            _ => 0,
+            #[cfg(not(target_os = "linux"))]
+            SlabWriter::Uring(_) => 0,
+            SlabWriter::Portable(w) => w.in_flight,
         }
     }
 
@@ -168,7 +173,9 @@ impl SlabWriter {
         match self {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.reap_one(),
-            _ => Ok(()),
+            #[cfg(not(target_os = "linux"))]
+            SlabWriter::Uring(_) => Ok(()),
+            SlabWriter::Portable(w) => w.reap_one(),
         }
     }
 
@@ -176,7 +183,139 @@ impl SlabWriter {
         match self {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.drain(),
-            _ => Ok(()),
+            #[cfg(not(target_os = "linux"))]
+            SlabWriter::Uring(_) => Ok(()),
+            SlabWriter::Portable(w) => w.drain(),
+        }
+    }
+}
+
+/// One positional write for a [`PortableWriter`] thread: the slab goes back
+/// to the pool when the thread drops it, after the write.
+struct PortableJob {
+    file: Arc<File>,
+    slab: Slab,
+    len: usize,
+    offset: u64,
+}
+
+/// The portable backend's writer: `pwrite` on [`PORTABLE_WRITES_IN_FLIGHT`]
+/// threads, so that many writes are in flight, as with io_uring.
+pub(crate) struct PortableWriter {
+    jobs: Option<crossbeam_channel::Sender<PortableJob>>,
+    done: crossbeam_channel::Receiver<io::Result<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// The file being written, shared with the threads (a duplicate of the
+    /// caller's descriptor, taken on the first write).
+    file: Option<(std::os::fd::RawFd, Arc<File>)>,
+    in_flight: usize,
+    error: Option<io::Error>,
+}
+
+impl PortableWriter {
+    fn new() -> io::Result<Self> {
+        let (jobs, queue) = crossbeam_channel::bounded::<PortableJob>(PORTABLE_WRITES_IN_FLIGHT);
+        let (report, done) = crossbeam_channel::bounded(PORTABLE_WRITES_IN_FLIGHT);
+        let threads = (0..PORTABLE_WRITES_IN_FLIGHT)
+            .map(|i| {
+                let queue = queue.clone();
+                let report: crossbeam_channel::Sender<io::Result<()>> = report.clone();
+                std::thread::Builder::new()
+                    .name(format!("pwrite-{i}"))
+                    .spawn(move || {
+                        use std::os::unix::fs::FileExt;
+                        for job in queue.iter() {
+                            let result =
+                                job.file.write_all_at(job.slab.padded(job.len), job.offset);
+                            drop(job);
+                            if report.send(result).is_err() {
+                                return;
+                            }
+                        }
+                    })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(PortableWriter {
+            jobs: Some(jobs),
+            done,
+            threads,
+            file: None,
+            in_flight: 0,
+            error: None,
+        })
+    }
+
+    fn write(&mut self, file: &File, slab: Slab, len: usize, offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        while self.in_flight >= PORTABLE_WRITES_IN_FLIGHT {
+            self.reap()?;
+        }
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let shared = match &self.file {
+            Some((fd, shared)) if *fd == file.as_raw_fd() => Arc::clone(shared),
+            _ => {
+                let shared = Arc::new(file.try_clone()?);
+                self.file = Some((file.as_raw_fd(), Arc::clone(&shared)));
+                shared
+            }
+        };
+        let job = PortableJob {
+            file: shared,
+            slab,
+            len,
+            offset,
+        };
+        self.jobs
+            .as_ref()
+            .expect("open until dropped")
+            .send(job)
+            .map_err(|_| io::Error::other("portable writer threads are gone"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Waits for one completion; remembers the first failure.
+    fn reap(&mut self) -> io::Result<()> {
+        let result = self
+            .done
+            .recv()
+            .map_err(|_| io::Error::other("portable writer threads are gone"))?;
+        self.in_flight -= 1;
+        if let Err(e) = result {
+            self.error.get_or_insert(e);
+        }
+        Ok(())
+    }
+
+    fn reap_one(&mut self) -> io::Result<()> {
+        if self.in_flight > 0 {
+            self.reap()?;
+        }
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        while self.in_flight > 0 {
+            self.reap()?;
+        }
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PortableWriter {
+    fn drop(&mut self) {
+        // Closing the queue ends the threads once queued writes are done.
+        drop(self.jobs.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
