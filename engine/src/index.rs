@@ -4,19 +4,29 @@
 //!
 //! - `meta`: `"format_version"` → u64. Checked at open.
 //! - `blobs`: blob id → record (`[record version u8][state u8][created u64 LE][manifest root]`).
-//! - `pages`: (blob id, page index) → encoded manifest page.
-//! - `chunks` (multimap): chunk hash → `[blob id 32][offset u64 LE][len u32 LE]`,
-//!   one value per (chunk, sealed blob holding it). Exact under dedup:
-//!   removing a blob removes exactly its own values.
+//! - `pages`: (row key, page index) → encoded manifest page.
+//! - `chunks` (multimap): chunk hash → `[row key 32][offset u64 LE][len u32 LE]`,
+//!   one value per (chunk, blob holding it). Exact under dedup: removing a
+//!   blob removes exactly its own values.
 //! - `presence`: (blob id, page index) → bitmap of chunks written, for partial blobs.
 //! - `owners` (multimap): blob id → `"uid:subsystem"`.
 //! - `sealing`: blob id → manifest root, while a seal or removal is writing
 //!   rows in unsynced batches; `Store::open` removes the rows of any blob
 //!   still listed (the operation did not finish).
+//! - `ingests`: row key → manifest root of the pages written so far by an
+//!   ingest in progress; `Store::open` removes those rows (it did not finish).
+//! - `row_keys`: blob id → row key, and `row_key_blobs`, the reverse.
+//!
+//! A blob's pages and chunk locations are stored under its *row key*: its
+//! id, except for a blob ingested from a local file, whose rows are written
+//! while its bytes are still being hashed (the id is the hash of the
+//! manifest, known only at the end) under a random provisional key that the
+//! seal then links to the id. A chunk row is served only through a complete
+//! blob, so rows of an ingest in progress are never found.
 
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
+    TableHandle, WriteTransaction,
 };
 
 use crate::hash::{BlobId, ChunkHash};
@@ -25,7 +35,11 @@ use crate::store::{BlobState, Owner, StoreError};
 
 /// Version of the store layout (directories + these tables). Bump on any
 /// incompatible change; `Store::open` refuses other versions.
-pub const STORE_FORMAT_VERSION: u64 = 1;
+pub const STORE_FORMAT_VERSION: u64 = 2;
+/// Versions `Index::open` upgrades in place: version 1 lacks the row-key
+/// tables, which is exactly a version 2 store where every row key is its
+/// blob id.
+const UPGRADABLE_FORMAT_VERSIONS: [u64; 1] = [1];
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BLOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("blobs");
@@ -35,6 +49,9 @@ const CHUNKS: MultimapTableDefinition<&[u8; 32], &[u8; 44]> =
 const PRESENCE: TableDefinition<(&[u8; 32], u32), &[u8]> = TableDefinition::new("presence");
 const OWNERS: MultimapTableDefinition<&[u8; 32], &str> = MultimapTableDefinition::new("owners");
 const SEALING: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("sealing");
+const INGESTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("ingests");
+const ROW_KEYS: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::new("row_keys");
+const ROW_KEY_BLOBS: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::new("row_key_blobs");
 
 const RECORD_VERSION: u8 = 1;
 /// redb page cache: enough for the hot B-tree levels; kept small so the
@@ -49,6 +66,33 @@ pub struct BlobRecord {
     pub root: ManifestRoot,
 }
 
+/// The key under which a blob's pages and chunk locations are stored (see
+/// the module docs): its id, or an ingest's provisional key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowKey(pub [u8; 32]);
+
+impl From<&BlobId> for RowKey {
+    fn from(id: &BlobId) -> Self {
+        RowKey(id.0)
+    }
+}
+
+impl RowKey {
+    /// A fresh provisional key: 256 random-looking bits, unique per process,
+    /// call and instant, so it can name no blob and no other ingest.
+    pub fn provisional(salt: &[u8]) -> Self {
+        let mut h = blake3::Hasher::new_derive_key("vigo ingest row key v1");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&now.to_le_bytes());
+        h.update(salt);
+        RowKey(*h.finalize().as_bytes())
+    }
+}
+
 /// Where a chunk's bytes can be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLocation {
@@ -57,20 +101,21 @@ pub struct ChunkLocation {
     pub len: u32,
 }
 
-fn encode_location(l: &ChunkLocation) -> [u8; 44] {
+fn encode_location(key: &RowKey, offset: u64, len: u32) -> [u8; 44] {
     let mut v = [0u8; 44];
-    v[..32].copy_from_slice(&l.blob.0);
-    v[32..40].copy_from_slice(&l.offset.to_le_bytes());
-    v[40..].copy_from_slice(&l.len.to_le_bytes());
+    v[..32].copy_from_slice(&key.0);
+    v[32..40].copy_from_slice(&offset.to_le_bytes());
+    v[40..].copy_from_slice(&len.to_le_bytes());
     v
 }
 
-fn decode_location(v: &[u8; 44]) -> ChunkLocation {
-    ChunkLocation {
-        blob: BlobId(v[..32].try_into().expect("32 bytes")),
-        offset: u64::from_le_bytes(v[32..40].try_into().expect("8 bytes")),
-        len: u32::from_le_bytes(v[40..].try_into().expect("4 bytes")),
-    }
+/// A chunk row: the row key it was written under, offset and length.
+fn decode_location(v: &[u8; 44]) -> (RowKey, u64, u32) {
+    (
+        RowKey(v[..32].try_into().expect("32 bytes")),
+        u64::from_le_bytes(v[32..40].try_into().expect("8 bytes")),
+        u32::from_le_bytes(v[40..].try_into().expect("4 bytes")),
+    )
 }
 
 fn encode_record(r: &BlobRecord) -> Vec<u8> {
@@ -131,6 +176,13 @@ impl Index {
                         .map_err(ierr)?;
                 }
                 Some(v) if v == STORE_FORMAT_VERSION => {}
+                Some(v) if UPGRADABLE_FORMAT_VERSIONS.contains(&v) => {
+                    tracing::info!(
+                        "upgrading the store index from format version {v} to {STORE_FORMAT_VERSION}"
+                    );
+                    meta.insert("format_version", STORE_FORMAT_VERSION)
+                        .map_err(ierr)?;
+                }
                 Some(v) => {
                     return Err(StoreError::FormatVersion {
                         found: v,
@@ -145,6 +197,9 @@ impl Index {
             tx.open_table(PRESENCE).map_err(ierr)?;
             tx.open_multimap_table(OWNERS).map_err(ierr)?;
             tx.open_table(SEALING).map_err(ierr)?;
+            tx.open_table(INGESTS).map_err(ierr)?;
+            tx.open_table(ROW_KEYS).map_err(ierr)?;
+            tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?;
         }
         tx.commit().map_err(ierr)?;
         Ok(index)
@@ -191,24 +246,66 @@ impl Index {
 
     pub fn page_bytes_opt(&self, id: &BlobId, i: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(ierr)?;
+        let key = row_key_in(&tx.open_table(ROW_KEYS).map_err(ierr)?, id)?;
         let t = tx.open_table(PAGES).map_err(ierr)?;
-        Ok(t.get((&id.0, i)).map_err(ierr)?.map(|v| v.value().to_vec()))
+        Ok(t.get((&key.0, i))
+            .map_err(ierr)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Page `i` stored under `key`, whichever blob (or ingest) it belongs to.
+    pub fn page_bytes_at(&self, key: &RowKey, i: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(ierr)?;
+        let t = tx.open_table(PAGES).map_err(ierr)?;
+        Ok(t.get((&key.0, i))
+            .map_err(ierr)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The key `id`'s rows are stored under.
+    pub fn row_key(&self, id: &BlobId) -> Result<RowKey, StoreError> {
+        let tx = self.db.begin_read().map_err(ierr)?;
+        row_key_in(&tx.open_table(ROW_KEYS).map_err(ierr)?, id)
     }
 
     /// Blobs whose seal or removal did not finish, with their roots.
     pub fn sealing(&self) -> Result<Vec<(BlobId, ManifestRoot)>, StoreError> {
+        Ok(self
+            .markers(SEALING)?
+            .into_iter()
+            .map(|(k, root)| (BlobId(k), root))
+            .collect())
+    }
+
+    /// Ingests that did not finish, with the pages they wrote.
+    pub fn ingests(&self) -> Result<Vec<(RowKey, ManifestRoot)>, StoreError> {
+        Ok(self
+            .markers(INGESTS)?
+            .into_iter()
+            .map(|(k, root)| (RowKey(k), root))
+            .collect())
+    }
+
+    fn markers(
+        &self,
+        table: TableDefinition<&[u8; 32], &[u8]>,
+    ) -> Result<Vec<([u8; 32], ManifestRoot)>, StoreError> {
         let tx = self.db.begin_read().map_err(ierr)?;
-        let t = tx.open_table(SEALING).map_err(ierr)?;
+        let t = tx.open_table(table).map_err(ierr)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(ierr)? {
             let (k, v) = row.map_err(ierr)?;
-            let id = BlobId(*k.value());
             let limits = ManifestLimits {
                 total_bytes_max: u64::MAX,
             };
-            let root = ManifestRoot::decode(v.value(), &limits)
-                .map_err(|e| StoreError::CorruptIndex(format!("sealing marker of {id}: {e}")))?;
-            out.push((id, root));
+            let root = ManifestRoot::decode(v.value(), &limits).map_err(|e| {
+                StoreError::CorruptIndex(format!(
+                    "{} marker {}: {e}",
+                    table.name(),
+                    hex::encode(k.value())
+                ))
+            })?;
+            out.push((*k.value(), root));
         }
         Ok(out)
     }
@@ -234,20 +331,32 @@ impl Index {
         let tx = self.db.begin_read().map_err(ierr)?;
         let chunks = tx.open_multimap_table(CHUNKS).map_err(ierr)?;
         let blobs = tx.open_table(BLOBS).map_err(ierr)?;
+        let owners = tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?;
         for v in chunks.get(&hash.0).map_err(ierr)? {
-            let loc = decode_location(v.map_err(ierr)?.value());
-            if loc.blob == *exclude {
+            let (key, offset, len) = decode_location(v.map_err(ierr)?.value());
+            // A provisional key names its blob once sealed; until then it
+            // names nothing, and the lookup below finds no complete blob.
+            let blob = match owners.get(&key.0).map_err(ierr)? {
+                Some(id) => BlobId(*id.value()),
+                None => BlobId(key.0),
+            };
+            if blob == *exclude {
                 continue;
             }
             let complete = blobs
-                .get(&loc.blob.0)
+                .get(&blob.0)
                 .map_err(ierr)?
                 .is_some_and(|r| r.value().get(1) == Some(&(BlobState::Complete as u8)));
             if complete {
-                return Ok(Some(loc));
+                return Ok(Some(ChunkLocation { blob, offset, len }));
             }
         }
         Ok(None)
+    }
+
+    #[cfg(test)]
+    pub fn db_for_tests(&self) -> &Database {
+        &self.db
     }
 
     pub fn write(&self) -> Result<Tx, StoreError> {
@@ -279,26 +388,76 @@ impl Tx {
         Ok(())
     }
 
-    pub fn put_page(&self, id: &BlobId, i: u32, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn put_page(&self, key: impl Into<RowKey>, i: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        let key = key.into();
         let mut t = self.tx.open_table(PAGES).map_err(ierr)?;
-        t.insert((&id.0, i), bytes).map_err(ierr)?;
+        t.insert((&key.0, i), bytes).map_err(ierr)?;
         Ok(())
     }
 
-    /// Records where each chunk of a sealed blob lives.
+    /// Records where each chunk of a blob lives, under its row key.
     /// Inserts in key order: chunk hashes are uniformly random, and sorted
     /// inserts walk the B-tree once instead of touching a random leaf each.
-    pub fn put_chunks(&self, id: &BlobId, entries: &mut [ChunkEntry]) -> Result<(), StoreError> {
+    pub fn put_chunks(
+        &self,
+        key: impl Into<RowKey>,
+        entries: &mut [ChunkEntry],
+    ) -> Result<(), StoreError> {
+        let key = key.into();
         entries.sort_unstable_by_key(|e| e.hash);
         let mut t = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
         for e in entries.iter() {
-            let loc = ChunkLocation {
-                blob: *id,
-                offset: e.offset,
-                len: e.len,
-            };
-            t.insert(&e.hash.0, &encode_location(&loc)).map_err(ierr)?;
+            t.insert(&e.hash.0, &encode_location(&key, e.offset, e.len))
+                .map_err(ierr)?;
         }
+        Ok(())
+    }
+
+    /// Names `id` as the blob whose rows are stored under `key`.
+    pub fn link_rows(&self, id: &BlobId, key: &RowKey) -> Result<(), StoreError> {
+        if *key == RowKey::from(id) {
+            return Ok(());
+        }
+        self.tx
+            .open_table(ROW_KEYS)
+            .map_err(ierr)?
+            .insert(&id.0, &key.0)
+            .map_err(ierr)?;
+        self.tx
+            .open_table(ROW_KEY_BLOBS)
+            .map_err(ierr)?
+            .insert(&key.0, &id.0)
+            .map_err(ierr)?;
+        Ok(())
+    }
+
+    /// Forgets `id`'s row key (its rows must be gone).
+    pub fn unlink_rows(&self, id: &BlobId) -> Result<(), StoreError> {
+        let key = self
+            .tx
+            .open_table(ROW_KEYS)
+            .map_err(ierr)?
+            .remove(&id.0)
+            .map_err(ierr)?
+            .map(|k| *k.value());
+        if let Some(key) = key {
+            self.tx
+                .open_table(ROW_KEY_BLOBS)
+                .map_err(ierr)?
+                .remove(&key)
+                .map_err(ierr)?;
+        }
+        Ok(())
+    }
+
+    /// Marks (with the root of the pages written so far) or unmarks an
+    /// ingest writing rows under `key`.
+    pub fn set_ingest(&self, key: &RowKey, root: Option<&ManifestRoot>) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(INGESTS).map_err(ierr)?;
+        match root {
+            Some(r) => t.insert(&key.0, r.encode().as_slice()).map_err(ierr)?,
+            None => t.remove(&key.0).map_err(ierr)?,
+        };
         Ok(())
     }
 
@@ -348,35 +507,31 @@ impl Tx {
         Ok(())
     }
 
-    /// Removes page `i` of `id` with its chunk locations and presence bits.
+    /// Removes page `i` stored under `key` with its chunk locations, and the
+    /// presence bits of blob `key` (a partial blob's key is its id).
     pub fn remove_page(
         &self,
-        id: &BlobId,
+        key: &RowKey,
         i: u32,
         entries: &[ChunkEntry],
     ) -> Result<(), StoreError> {
         {
             let mut chunks = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
             for e in entries {
-                let loc = ChunkLocation {
-                    blob: *id,
-                    offset: e.offset,
-                    len: e.len,
-                };
                 chunks
-                    .remove(&e.hash.0, &encode_location(&loc))
+                    .remove(&e.hash.0, &encode_location(key, e.offset, e.len))
                     .map_err(ierr)?;
             }
         }
         self.tx
             .open_table(PAGES)
             .map_err(ierr)?
-            .remove((&id.0, i))
+            .remove((&key.0, i))
             .map_err(ierr)?;
         self.tx
             .open_table(PRESENCE)
             .map_err(ierr)?
-            .remove((&id.0, i))
+            .remove((&key.0, i))
             .map_err(ierr)?;
         Ok(())
     }
@@ -393,4 +548,14 @@ impl Tx {
     pub fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().map_err(ierr)
     }
+}
+
+fn row_key_in(
+    row_keys: &impl ReadableTable<&'static [u8; 32], &'static [u8; 32]>,
+    id: &BlobId,
+) -> Result<RowKey, StoreError> {
+    Ok(match row_keys.get(&id.0).map_err(ierr)? {
+        Some(k) => RowKey(*k.value()),
+        None => RowKey::from(id),
+    })
 }

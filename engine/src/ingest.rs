@@ -1,21 +1,29 @@
-//! The ingest pipeline: read, chunk, hash and write overlapped across cores.
+//! The ingest pipeline: read, chunk, hash, write and index overlapped across cores.
 //!
 //! ```text
-//!  reader ──slabs──▶ chunker ──chunk jobs──▶ chunk hasher ──▶ manifest pages (spool)
-//!  (pread + content      (FastCDC cuts)        (BLAKE3 per chunk,
-//!   BLAKE3, in order)                           ManifestBuilder)
-//!     └──────slabs──────────────────────────▶ writer (uring or portable)
+//!  reader ──slabs──▶ chunker ──chunk jobs──▶ chunk hasher ──pages──▶ page sink
+//!  (pread + content      (FastCDC cuts)        (sys::hash_batch,       (index rows,
+//!   BLAKE3, in order)                           ManifestBuilder)        unsynced)
+//!     └──────slabs──────────────────────────▶ writer (uring or portable,
+//!                                              allocates ahead, fsyncs at the end)
 //! ```
 //!
 //! Memory is flat whatever the file size: a fixed pool of [`SLAB_BYTES`]
-//! slabs carries the data (the reader blocks when all are in use), manifest
-//! pages go to a spool file as they fill, and a chunk that straddles two
-//! slabs is copied once into a buffer of at most two windows. Every stage
-//! ends when its input channel closes; the first error stops the reader,
-//! which closes everything downstream.
+//! slabs carries the data (the reader blocks when all are in use), at most
+//! [`PAGES_IN_FLIGHT`] manifest pages wait for the page sink, and a chunk
+//! that straddles two slabs is copied once into a buffer of at most two
+//! windows. Every stage ends when its input channel closes; the first error
+//! stops the reader, which closes everything downstream.
+//!
+//! The page sink writes each page's index rows while the data is still being
+//! written (see `Store::add_file`), so sealing the blob afterwards commits
+//! only its record. The writer keeps the file's allocated size one pool of
+//! slabs ahead of its writes: on ext4 a direct write that extends the file
+//! waits for completion under the inode lock, one at a time, while writes
+//! into allocated space run in parallel.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,9 +33,18 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::chunker::Chunker;
 use crate::hash::{ChunkHash, ContentHash};
 use crate::io::{INGEST_SLABS, IoBackend, SLAB_BYTES, SlabWriter};
-use crate::manifest::{ChunkEntry, ManifestBuilder, ManifestRoot};
+use crate::manifest::{ChunkEntry, EncodedPage, ManifestBuilder, ManifestRoot};
+use crate::store::StoreError;
 use crate::sys::DIRECT_ALIGN;
+use crate::sys::hash_batch::hash_batch;
 use crate::sys::pool::{Slab, SlabPool};
+
+/// Manifest pages (4096 chunks each) queued between the hasher and the page
+/// sink: enough to ride out one index commit, ~0.4 MiB each.
+pub(crate) const PAGES_IN_FLIGHT: usize = 4;
+/// Bytes the writer allocates ahead of its writes: what the slab pool can
+/// have in flight, so no queued write extends the file.
+const ALLOCATE_AHEAD_BYTES: u64 = (INGEST_SLABS * SLAB_BYTES) as u64;
 
 /// A slab's worth of the input at a file offset.
 struct Block {
@@ -50,12 +67,10 @@ struct ChunkJob {
 }
 
 impl ChunkJob {
-    fn hash(&self) -> ChunkHash {
+    fn bytes(&self) -> &[u8] {
         match &self.bytes {
-            ChunkBytes::InSlab(slab, start) => {
-                ChunkHash::of(&slab[*start..*start + self.len as usize])
-            }
-            ChunkBytes::Copied(v) => ChunkHash::of(v),
+            ChunkBytes::InSlab(slab, start) => &slab[*start..*start + self.len as usize],
+            ChunkBytes::Copied(v) => v,
         }
     }
 }
@@ -66,6 +81,17 @@ pub(crate) struct Sink<'a> {
     /// The file was opened for direct IO: writes must be whole blocks.
     pub direct: bool,
     pub backend: IoBackend,
+    /// Expected size of the input (its size when opened): the writer does
+    /// not allocate beyond it, bar one block of padding.
+    pub expected_bytes: u64,
+}
+
+/// Receives the manifest pages of an ingest, in order, on a thread of its
+/// own while the data is still being read, hashed and written.
+pub(crate) trait PageSink: Send {
+    fn page(&mut self, page: EncodedPage, entries: Vec<ChunkEntry>) -> Result<(), StoreError>;
+    /// Every page has been delivered.
+    fn finish(&mut self) -> Result<(), StoreError>;
 }
 
 pub(crate) struct Ingested {
@@ -78,17 +104,19 @@ pub(crate) enum IngestError {
     Read(io::Error),
     #[error("writing the blob: {0}")]
     Write(io::Error),
-    #[error("writing the manifest spool: {0}")]
-    Spool(io::Error),
+    #[error("syncing the blob: {0}")]
+    Sync(io::Error),
+    #[error("indexing the blob: {0}")]
+    Index(Box<StoreError>),
 }
 
-/// Chunks, hashes and writes `source` into `sink`; encoded manifest pages go
-/// to `spool` as `[u32 LE length][page]` records.
+/// Chunks, hashes and writes `source` into `sink` and makes it durable
+/// (fsync); manifest pages go to `pages` as they fill.
 pub(crate) fn ingest(
     source: &File,
     sink: Sink<'_>,
     chunker: &Chunker,
-    spool: &mut File,
+    pages: &mut dyn PageSink,
     progress: &AtomicU64,
 ) -> Result<Ingested, IngestError> {
     let pool = SlabPool::new(INGEST_SLABS, SLAB_BYTES);
@@ -96,26 +124,66 @@ pub(crate) fn ingest(
     let (to_chunker, chunker_rx) = bounded::<Block>(INGEST_SLABS);
     let (to_writer, writer_rx) = bounded::<Block>(INGEST_SLABS);
     let (to_hasher, hasher_rx) = bounded::<Vec<ChunkJob>>(INGEST_SLABS);
+    let (to_pages, pages_rx) = bounded::<(EncodedPage, Vec<ChunkEntry>)>(PAGES_IN_FLIGHT);
 
+    let started = std::time::Instant::now();
     std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_stage(source, &pool, to_chunker, to_writer, progress));
-        let chunk_stage = scope.spawn(|| chunk_stage(chunker, chunker_rx, to_hasher));
-        let writer_stage = scope.spawn(move || write_stage(&sink, &mut writer, writer_rx));
-        let pages = hash_stage(chunker, hasher_rx, spool);
+        // Named, so profiles and `top -H` show the stages.
+        let stage = |name: &str| std::thread::Builder::new().name(format!("ingest-{name}"));
+        let spawned = "spawning an ingest thread";
+        let reader = stage("read")
+            .spawn_scoped(scope, || {
+                read_stage(source, &pool, to_chunker, to_writer, progress)
+            })
+            .expect(spawned);
+        let chunk_stage = stage("chunk")
+            .spawn_scoped(scope, || chunk_stage(chunker, chunker_rx, to_hasher))
+            .expect(spawned);
+        let writer_stage = stage("write")
+            .spawn_scoped(scope, move || write_stage(&sink, &mut writer, writer_rx))
+            .expect(spawned);
+        let page_stage = stage("index")
+            .spawn_scoped(scope, move || -> Result<(), StoreError> {
+                for (page, entries) in pages_rx.iter() {
+                    pages.page(page, entries)?;
+                }
+                pages.finish()
+            })
+            .expect(spawned);
+        let hashed = hash_stage(chunker, hasher_rx, &to_pages);
 
         let content = reader.join().expect("reader stage panicked");
         chunk_stage.join().expect("chunker stage panicked");
+        // The last page can only be cut once the reader is done (its
+        // content hash completes the root); send it before waiting on the
+        // writer, so indexing overlaps the last writes and the fsync.
+        let finished = match (&content, hashed) {
+            (Ok(content), Some((builder, entries))) => {
+                let (last, root) = builder.finish(*content);
+                let sent = match last {
+                    Some(page) => to_pages.send((page, entries)).is_ok(),
+                    None => true,
+                };
+                sent.then_some(root)
+            }
+            _ => None,
+        };
+        drop(to_pages);
+        let hashed_s = started.elapsed().as_secs_f64();
+        let indexed = page_stage.join().expect("page stage panicked");
+        let indexed_s = started.elapsed().as_secs_f64();
         let written = writer_stage.join().expect("writer stage panicked");
+        tracing::debug!(
+            "ingest: hashed {hashed_s:.3}s, indexed {indexed_s:.3}s, durable {:.3}s",
+            started.elapsed().as_secs_f64()
+        );
         // Report the root cause: a write failure (e.g. ENOSPC) closes the
-        // reader's channel, which would otherwise surface as a read error.
+        // reader's channel, which would otherwise surface as a read error,
+        // and a failed page sink stops the hasher.
         written?;
-        let content = content?;
-        let builder = pages?;
-        let (last, root) = builder.finish(content);
-        if let Some(page) = last {
-            write_page(spool, &page.bytes).map_err(IngestError::Spool)?;
-        }
-        spool.flush().map_err(IngestError::Spool)?;
+        indexed.map_err(|e| IngestError::Index(Box::new(e)))?;
+        content?;
+        let root = finished.expect("every stage succeeded, so the root was built");
         Ok(Ingested { root })
     })
 }
@@ -225,32 +293,37 @@ fn chunk_stage(chunker: &Chunker, blocks: Receiver<Block>, to_hasher: Sender<Vec
     }
 }
 
+/// Hashes chunks and builds the manifest; full pages go to `pages` with
+/// their entries. Returns the builder and the entries of its unfinished
+/// page, or `None` when the page sink stopped (it reports why).
 fn hash_stage(
     chunker: &Chunker,
     batches: Receiver<Vec<ChunkJob>>,
-    spool: &mut File,
-) -> Result<ManifestBuilder, IngestError> {
+    pages: &Sender<(EncodedPage, Vec<ChunkEntry>)>,
+) -> Option<(ManifestBuilder, Vec<ChunkEntry>)> {
     let mut builder = ManifestBuilder::new(chunker.params());
-    let mut out = BufWriter::with_capacity(1 << 20, &mut *spool);
+    let page_chunks = crate::manifest::PAGE_CHUNKS as usize;
+    let mut entries = Vec::with_capacity(page_chunks);
+    let mut hashes = Vec::new();
     for jobs in batches.iter() {
-        for job in jobs {
+        // One slab's chunks at once: SIMD lanes across chunks (sys::hash_batch).
+        let msgs: Vec<&[u8]> = jobs.iter().map(ChunkJob::bytes).collect();
+        hashes.resize(msgs.len(), [0u8; 32]);
+        hash_batch(&msgs, &mut hashes);
+        for (job, hash) in jobs.iter().zip(&hashes) {
             let entry = ChunkEntry {
                 offset: job.offset,
                 len: job.len,
-                hash: job.hash(),
+                hash: ChunkHash(*hash),
             };
+            entries.push(entry);
             if let Some(page) = builder.push(entry) {
-                write_page(&mut out, &page.bytes).map_err(IngestError::Spool)?;
+                let full = std::mem::replace(&mut entries, Vec::with_capacity(page_chunks));
+                pages.send((page, full)).ok()?;
             }
         }
     }
-    out.flush().map_err(IngestError::Spool)?;
-    Ok(builder)
-}
-
-fn write_page(out: &mut impl Write, page: &[u8]) -> io::Result<()> {
-    out.write_all(&(page.len() as u32).to_le_bytes())?;
-    out.write_all(page)
+    Some((builder, entries))
 }
 
 fn write_stage(
@@ -259,6 +332,8 @@ fn write_stage(
     blocks: Receiver<Block>,
 ) -> Result<(), IngestError> {
     let mut end = 0u64;
+    let expected = sink.expected_bytes.next_multiple_of(DIRECT_ALIGN);
+    let mut allocated = 0u64;
     loop {
         // Never wait for input while holding completed writes: their slabs
         // are what the reader needs to make progress.
@@ -281,16 +356,29 @@ fn write_stage(
         } else {
             len
         };
+        let write_end = block.offset + write_len as u64;
+        if write_end > allocated {
+            // Space for this write and the pool's worth after it. Also
+            // where a full disk shows up (ENOSPC), before the data is sent.
+            let upto = (allocated + ALLOCATE_AHEAD_BYTES)
+                .min(expected)
+                .max(write_end);
+            crate::sys::allocate(sink.file, allocated, upto - allocated)
+                .map_err(IngestError::Write)?;
+            allocated = upto;
+        }
         writer
             .write(sink.file, block.slab, write_len, block.offset)
             .map_err(IngestError::Write)?;
     }
     writer.drain().map_err(IngestError::Write)?;
-    if sink.direct && !end.is_multiple_of(DIRECT_ALIGN) {
-        // Drop the zero padding of the last direct write. The file is still
-        // private to this ingest (not yet sealed or mapped), so this
-        // truncation cannot pull pages from under a reader.
+    if allocated != end {
+        // Drop the zero padding of the last direct write and any space
+        // allocated for input that did not come (the file shrank). The file
+        // is still private to this ingest (not yet sealed or mapped), so
+        // this truncation cannot pull pages from under a reader.
         sink.file.set_len(end).map_err(IngestError::Write)?;
     }
+    sink.file.sync_all().map_err(IngestError::Sync)?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! DIR/index.redb     the index (see `index`)
 //! DIR/blobs/<hex>    sealed blobs: the whole content, immutable
 //! DIR/partial/<hex>  blobs being assembled or fetched (resumable)
-//! DIR/tmp/           ingest temp files and manifest spools
+//! DIR/tmp/           ingest temp files
 //! ```
 //!
 //! Durability order for a new blob: write the temp file, fsync it, rename it
@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -39,10 +39,12 @@ use rayon::prelude::*;
 
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::hash::{BlobId, ChunkHash, ContentHash};
-use crate::index::{BlobRecord, Index};
-use crate::ingest::{self, IngestError, Sink};
+use crate::index::{BlobRecord, Index, RowKey};
+use crate::ingest::{self, IngestError, PageSink, Sink};
 use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
-use crate::manifest::{ChunkEntry, Manifest, ManifestError, ManifestLimits, ManifestRoot};
+use crate::manifest::{
+    ChunkEntry, EncodedPage, Manifest, ManifestError, ManifestLimits, ManifestRoot, PageRef,
+};
 use crate::sys::{self, SealedMap};
 
 /// Lifecycle of a blob in the index.
@@ -309,11 +311,17 @@ const INDEX_FILE: &str = "index.redb";
 const BLOBS_DIR: &str = "blobs";
 const PARTIAL_DIR: &str = "partial";
 const TMP_DIR: &str = "tmp";
-/// Room for manifest spool and index growth beyond the content itself.
+/// Room for index growth beyond the content itself.
 const SPACE_MARGIN_BYTES: u64 = 16 << 20;
 /// Manifest pages per index transaction when sealing or removing: bounds the
 /// transaction's dirty memory (~12 MiB for 32 pages of 4096 chunks).
 const PAGES_PER_TX: u32 = 32;
+/// How an add's last index transactions shrink: one is cut short when only
+/// this many pages (~40 MB each) are still expected, so the last one, written
+/// after the last byte has been hashed, holds at most the last step's pages.
+/// The first step leaves the cut transaction time to finish while the rest
+/// is hashed (a 9-page transaction took ~0.7 s while the other stages ran).
+const INGEST_TAIL_STEPS: [u64; 2] = [8, 2];
 /// Chunks hashed together by `verify` (~2.5 MiB at the default chunk size):
 /// enough to keep every SIMD lane busy across chunk lengths.
 const VERIFY_BATCH_CHUNKS: usize = 256;
@@ -382,12 +390,20 @@ impl Store {
             let entry = entry.map_err(StoreError::io("cannot list", &tmp))?;
             let _ = fs::remove_file(entry.path());
         }
+        for (key, root) in self.index.ingests()? {
+            tracing::info!("removing the index rows of an interrupted add");
+            self.remove_page_rows(&key, &root)?;
+            let tx = self.index.write()?;
+            tx.set_ingest(&key, None)?;
+            tx.commit()?;
+        }
         for (id, root) in self.index.sealing()? {
             tracing::info!("undoing the interrupted seal or removal of {id}");
-            self.remove_page_rows(&id, &root)?;
+            self.remove_page_rows(&self.index.row_key(&id)?, &root)?;
             let tx = self.index.write()?;
             tx.remove_record(&id)?;
             tx.set_sealing(&id, None)?;
+            tx.unlink_rows(&id)?;
             tx.commit()?;
         }
         let known: HashMap<BlobId, BlobState> = self
@@ -496,41 +512,56 @@ impl Store {
             p.total.store(size, Ordering::Relaxed);
         }
 
-        let temp = TempFiles::new(vec![self.temp_path("add"), self.temp_path("spool")]);
+        let temp = TempFiles::new(vec![self.temp_path("add")]);
         let (file, direct) = sys::create_for_writing(&temp.paths[0], self.options.direct_writes)
             .map_err(StoreError::io("cannot create", &temp.paths[0]))?;
-        let mut spool = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&temp.paths[1])
-            .map_err(StoreError::io("cannot create", &temp.paths[1]))?;
         let dummy = AtomicU64::new(0);
         let counter = progress.map(|p| &p.done).unwrap_or(&dummy);
         let sink = Sink {
             file: &file,
             direct,
             backend: self.io.backend,
+            expected_bytes: size,
         };
         let started = std::time::Instant::now();
-        let ingested = ingest::ingest(&source, sink, &self.chunker, &mut spool, counter).map_err(
-            |e| match e {
-                IngestError::Read(e) => input_err(format!("read failed: {e}")),
-                IngestError::Write(e) => StoreError::io("cannot write", &temp.paths[0])(e),
-                IngestError::Spool(e) => StoreError::io("cannot write", &temp.paths[1])(e),
-            },
-        )?;
-        file.sync_all()
-            .map_err(StoreError::io("cannot sync", &temp.paths[0]))?;
+        let mut rows = IngestRows::new(
+            &self.index,
+            self.chunker.params(),
+            size,
+            temp.paths[0].as_os_str().as_encoded_bytes(),
+        );
+        let ingested = ingest::ingest(&source, sink, &self.chunker, &mut rows, counter);
         drop(file);
+        let ingested = match ingested {
+            Ok(i) => i,
+            Err(e) => {
+                // Best effort: a marker left behind is cleared at the next open.
+                if let Err(why) = rows.discard(self) {
+                    tracing::warn!("cannot remove the index rows of a failed add: {why}");
+                }
+                return Err(match e {
+                    IngestError::Read(e) => input_err(format!("read failed: {e}")),
+                    IngestError::Write(e) => StoreError::io("cannot write", &temp.paths[0])(e),
+                    IngestError::Sync(e) => StoreError::io("cannot sync", &temp.paths[0])(e),
+                    IngestError::Index(e) => *e,
+                });
+            }
+        };
         let root = ingested.root;
         let id = root.id();
-        drop(spool);
         let ingest_s = started.elapsed().as_secs_f64();
-        let already_present =
-            self.seal_from_spool(&id, &root, &temp.paths[0], &temp.paths[1], owner)?;
+        let sealed = self.seal_ingested(&id, &root, &rows, &temp.paths[0], owner);
+        let already_present = match sealed {
+            Ok(present) => present,
+            Err(e) => {
+                if let Err(why) = rows.discard(self) {
+                    tracing::warn!("cannot remove the index rows of a failed add: {why}");
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(
-            "added {id}: {} bytes, {} chunks; chunk+hash+write {ingest_s:.2}s, seal {:.2}s",
+            "added {id}: {} bytes, {} chunks; chunk+hash+write+index+fsync {ingest_s:.2}s, seal {:.2}s",
             root.total_bytes,
             root.chunk_count,
             started.elapsed().as_secs_f64() - ingest_s
@@ -546,14 +577,15 @@ impl Store {
     }
 
     /// Moves a fully written, fsync'd file into `blobs/` and commits its
-    /// manifest (read back from the spool). Returns whether the blob was
-    /// already complete, in which case the file is discarded.
-    fn seal_from_spool(
+    /// record, linking it to the rows the ingest wrote. Returns whether the
+    /// blob was already complete, in which case the file and the rows are
+    /// discarded.
+    fn seal_ingested(
         &self,
         id: &BlobId,
         root: &ManifestRoot,
+        rows: &IngestRows<'_>,
         file: &Path,
-        spool_path: &Path,
         owner: &Owner,
     ) -> Result<bool, StoreError> {
         let _guard = self.seal_lock.lock().expect("seal lock poisoned");
@@ -565,6 +597,7 @@ impl Store {
             let tx = self.index.write()?;
             tx.add_owner(id, owner)?;
             tx.commit()?;
+            rows.discard(self)?;
             return Ok(true);
         }
         if let Some(old) = &existing {
@@ -572,27 +605,17 @@ impl Store {
             self.remove_rows(id, &old.root)?;
             let _ = fs::remove_file(self.partial_path(id));
         }
-        // Mark the seal durably so `open` can undo a half-done one: the
-        // page and chunk rows go in bounded, unsynced batches (memory stays
-        // flat for any blob size) and only the last commit makes them count.
+        assert_eq!(
+            rows.written.pages, root.pages,
+            "the page sink wrote every page of the manifest"
+        );
+        let target = self.blob_path(id);
+        // A quarantined copy is replaced by rename: readers that still map
+        // the old file keep its (old) inode; nothing is truncated.
+        fs::rename(file, &target).map_err(StoreError::io("cannot move blob into", &target))?;
+        let blobs = self.dir.join(BLOBS_DIR);
+        sys::sync_dir(&blobs).map_err(StoreError::io("cannot sync", &blobs))?;
         let tx = self.index.write()?;
-        tx.set_sealing(id, Some(root))?;
-        tx.commit()?;
-        let spool = File::open(spool_path).map_err(StoreError::io("cannot open", spool_path))?;
-        let mut reader = BufReader::with_capacity(1 << 20, spool);
-        let tx = self.put_chunk_rows(id, root.pages.len() as u32, |i, tx| {
-            let mut len = [0u8; 4];
-            let mut page = Vec::new();
-            reader
-                .read_exact(&mut len)
-                .and_then(|()| {
-                    page.resize(u32::from_le_bytes(len) as usize, 0);
-                    reader.read_exact(&mut page)
-                })
-                .map_err(StoreError::io("cannot read", spool_path))?;
-            tx.put_page(id, i, &page)?;
-            Ok(root.decode_page(i as usize, &page)?)
-        })?;
         tx.put_blob(
             id,
             &BlobRecord {
@@ -602,13 +625,8 @@ impl Store {
             },
         )?;
         tx.add_owner(id, owner)?;
-        tx.set_sealing(id, None)?;
-        let target = self.blob_path(id);
-        // A quarantined copy is replaced by rename: readers that still map
-        // the old file keep its (old) inode; nothing is truncated.
-        fs::rename(file, &target).map_err(StoreError::io("cannot move blob into", &target))?;
-        let blobs = self.dir.join(BLOBS_DIR);
-        sys::sync_dir(&blobs).map_err(StoreError::io("cannot sync", &blobs))?;
+        tx.link_rows(id, &rows.key)?;
+        tx.set_ingest(&rows.key, None)?;
         tx.commit()?;
         Ok(false)
     }
@@ -646,20 +664,21 @@ impl Store {
         tx.set_sealing(id, Some(root))?;
         tx.remove_record(id)?;
         tx.commit()?;
-        self.remove_page_rows(id, root)?;
+        self.remove_page_rows(&self.index.row_key(id)?, root)?;
         let tx = self.index.write()?;
         tx.set_sealing(id, None)?;
+        tx.unlink_rows(id)?;
         tx.commit()
     }
 
-    /// Removes the pages, chunk locations and presence bits of `id` listed
-    /// by `root`, tolerating rows that were never written.
-    fn remove_page_rows(&self, id: &BlobId, root: &ManifestRoot) -> Result<(), StoreError> {
+    /// Removes the pages, chunk locations and presence bits stored under
+    /// `key` and listed by `root`, tolerating rows that were never written.
+    fn remove_page_rows(&self, key: &RowKey, root: &ManifestRoot) -> Result<(), StoreError> {
         let mut tx = self.index.write()?;
         for i in 0..root.pages.len() as u32 {
-            if let Some(bytes) = self.index.page_bytes_opt(id, i)? {
+            if let Some(bytes) = self.index.page_bytes_at(key, i)? {
                 let entries = root.decode_page(i as usize, &bytes).unwrap_or_default();
-                tx.remove_page(id, i, &entries)?;
+                tx.remove_page(key, i, &entries)?;
             }
             if (i + 1) % PAGES_PER_TX == 0 {
                 tx.commit_unsynced()?;
@@ -1498,6 +1517,125 @@ impl PartialWriter {
     }
 }
 
+/// The page sink of `add_file`: writes each manifest page and its chunk
+/// locations while the data is still being written, under a provisional row
+/// key (the blob id is known only at the end), in unsynced transactions of
+/// up to [`PAGES_PER_TX`] pages. Each transaction also records in
+/// `ingests` which pages exist so far, so `open` can remove them if the add
+/// never seals. Rows under a key no blob is linked to are never served.
+///
+/// Chunk hashes are random, so a transaction rewrites about every leaf of
+/// the chunk table that its rows fall in, up to all of them: few large
+/// transactions cost far less than many small ones (measured on a 4 GiB add:
+/// 4-page transactions cost ~5 CPU-s more than 32-page ones, and ~13
+/// transactions shrinking geometrically toward the end ~1.5 CPU-s more than
+/// 4). So transactions take [`PAGES_PER_TX`] pages, and near the end of the
+/// input they are cut short at [`INGEST_TAIL_STEPS`], so that little is left
+/// to write once the last byte has been hashed.
+struct IngestRows<'a> {
+    index: &'a Index,
+    key: RowKey,
+    /// Input size expected when the add started.
+    expected_bytes: u64,
+    /// Bytes covered by the pages received so far.
+    received_bytes: u64,
+    /// The pages committed so far, as a root (no content hash yet): what the
+    /// `ingests` marker holds.
+    written: ManifestRoot,
+    pending: Vec<EncodedPage>,
+    entries: Vec<ChunkEntry>,
+}
+
+impl<'a> IngestRows<'a> {
+    fn new(index: &'a Index, params: ChunkerParams, expected_bytes: u64, salt: &[u8]) -> Self {
+        IngestRows {
+            index,
+            key: RowKey::provisional(salt),
+            expected_bytes,
+            received_bytes: 0,
+            written: ManifestRoot {
+                params,
+                total_bytes: 0,
+                chunk_count: 0,
+                content_hash: ContentHash([0; 32]),
+                pages: Vec::new(),
+            },
+            pending: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let tx = self.index.write()?;
+        for page in &self.pending {
+            tx.put_page(self.key, page.index, &page.bytes)?;
+        }
+        tx.put_chunks(self.key, &mut self.entries)?;
+        let mut written = self.written.clone();
+        for page in &self.pending {
+            let r: PageRef = page.page_ref;
+            written.total_bytes += r.byte_len;
+            written.chunk_count += u64::from(r.chunk_count);
+            written.pages.push(r);
+        }
+        tx.set_ingest(&self.key, Some(&written))?;
+        tx.commit_unsynced()?;
+        tracing::debug!(
+            "add: index rows of {} pages in {:.3}s",
+            self.pending.len(),
+            started.elapsed().as_secs_f64()
+        );
+        self.written = written;
+        self.pending.clear();
+        self.entries.clear();
+        Ok(())
+    }
+
+    /// Removes every row committed so far and the marker (a failed add, or
+    /// content the store already holds).
+    fn discard(&self, store: &Store) -> Result<(), StoreError> {
+        if self.written.pages.is_empty() {
+            return Ok(());
+        }
+        store.remove_page_rows(&self.key, &self.written)?;
+        let tx = self.index.write()?;
+        tx.set_ingest(&self.key, None)?;
+        tx.commit()
+    }
+}
+
+impl PageSink for IngestRows<'_> {
+    fn page(&mut self, page: EncodedPage, mut entries: Vec<ChunkEntry>) -> Result<(), StoreError> {
+        self.received_bytes += page.page_ref.byte_len;
+        self.pending.push(page);
+        self.entries.append(&mut entries);
+        let received = self.written.pages.len() + self.pending.len();
+        let page_bytes = self.received_bytes / received as u64;
+        let expected_pages = self
+            .expected_bytes
+            .saturating_sub(self.received_bytes)
+            .div_ceil(page_bytes.max(1));
+        let pending = self.pending.len() as u64;
+        // Cut a transaction short when the rest of the input would
+        // otherwise leave more than `step` pages for the last one.
+        let cut = INGEST_TAIL_STEPS
+            .iter()
+            .any(|&step| expected_pages <= step && pending + expected_pages > step);
+        if pending >= u64::from(PAGES_PER_TX) || cut {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.commit()
+    }
+}
+
 fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
@@ -1571,3 +1709,185 @@ const _: fn() = || {
     fn assert_sync<T: Send + Sync>() {}
     assert_sync::<Store>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn small_chunks() -> StoreOptions {
+        StoreOptions {
+            chunker: ChunkerParams::with_avg(1024).unwrap(),
+            ..StoreOptions::default()
+        }
+    }
+
+    /// Feeds the manifest of `bytes` to an ingest's page sink, as the
+    /// pipeline would, and returns the whole manifest.
+    fn feed(store: &Store, rows: &mut IngestRows<'_>, bytes: &[u8]) -> Manifest {
+        let manifest = crate::mem::MemStore::manifest_of(&store.chunker, bytes);
+        let entries = manifest.entries().unwrap();
+        for (i, page) in manifest.pages.iter().enumerate() {
+            let page_chunks = PAGE_CHUNKS_USIZE;
+            let part =
+                entries[i * page_chunks..((i + 1) * page_chunks).min(entries.len())].to_vec();
+            let encoded = EncodedPage {
+                index: i as u32,
+                page_ref: manifest.root.pages[i],
+                bytes: page.clone(),
+            };
+            rows.page(encoded, part).unwrap();
+        }
+        rows.finish().unwrap();
+        manifest
+    }
+
+    const PAGE_CHUNKS_USIZE: usize = crate::manifest::PAGE_CHUNKS as usize;
+
+    #[test]
+    fn rows_of_an_unsealed_add_are_never_found_and_open_removes_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bytes = data(3 * PAGE_CHUNKS_USIZE * 1024, 3);
+        let (key, manifest) = {
+            let store = Store::open(tmp.path(), small_chunks()).unwrap();
+            let mut rows = IngestRows::new(
+                &store.index,
+                store.chunker.params(),
+                bytes.len() as u64,
+                b"t",
+            );
+            let manifest = feed(&store, &mut rows, &bytes);
+            assert!(manifest.root.pages.len() >= 3, "several pages");
+            assert_eq!(rows.written.pages, manifest.root.pages);
+            assert_eq!(store.index.ingests().unwrap().len(), 1);
+            assert!(store.index.page_bytes_at(&rows.key, 0).unwrap().is_some());
+            // The rows exist but name no blob: nothing is held.
+            assert_eq!(store.plan(&manifest).unwrap().held_chunks, 0);
+            // A durable commit by anyone makes the unsynced batches durable
+            // too: what a crash would then leave behind.
+            let tx = store.index.write().unwrap();
+            tx.add_owner(&BlobId([7; 32]), &Owner::new(0, "test"))
+                .unwrap();
+            tx.commit().unwrap();
+            (rows.key, manifest)
+        };
+        {
+            // Left on disk: the marker (so the repair below is real).
+            let db = redb::Database::open(tmp.path().join(INDEX_FILE)).unwrap();
+            let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+            let t = tx
+                .open_table(redb::TableDefinition::<&[u8; 32], &[u8]>::new("ingests"))
+                .unwrap();
+            assert!(redb::ReadableTable::get(&t, &key.0).unwrap().is_some());
+        }
+        let store = Store::open(tmp.path(), small_chunks()).unwrap();
+        assert!(store.index.ingests().unwrap().is_empty());
+        for i in 0..manifest.root.pages.len() as u32 {
+            assert!(store.index.page_bytes_at(&key, i).unwrap().is_none());
+        }
+        for e in manifest.entries().unwrap() {
+            let tx = redb::ReadableDatabase::begin_read(store.index.db_for_tests()).unwrap();
+            let t = tx
+                .open_multimap_table(redb::MultimapTableDefinition::<&[u8; 32], &[u8; 44]>::new(
+                    "chunks",
+                ))
+                .unwrap();
+            assert!(
+                t.get(&e.hash.0).unwrap().is_empty(),
+                "chunk row left behind"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_add_removes_its_rows_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path(), small_chunks()).unwrap();
+        let bytes = data(2 * PAGE_CHUNKS_USIZE * 1024, 4);
+        let mut rows = IngestRows::new(
+            &store.index,
+            store.chunker.params(),
+            bytes.len() as u64,
+            b"f",
+        );
+        feed(&store, &mut rows, &bytes);
+        rows.discard(&store).unwrap();
+        assert!(store.index.ingests().unwrap().is_empty());
+        assert!(store.index.page_bytes_at(&rows.key, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_added_blob_is_found_through_its_row_key_and_removed_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("s"), small_chunks()).unwrap();
+        let bytes = data(PAGE_CHUNKS_USIZE * 1024 + 12345, 5);
+        let path = tmp.path().join("in");
+        fs::write(&path, &bytes).unwrap();
+        let id = store
+            .add_file(&path, &Owner::new(0, "test"), None)
+            .unwrap()
+            .id;
+        let key = store.index.row_key(&id).unwrap();
+        assert_ne!(key, RowKey::from(&id), "rows live under the add's own key");
+        let manifest = store.manifest(&id).unwrap();
+        // Another blob with the same chunks (only its content hash differs):
+        // the plan for it must find every chunk in `id`.
+        let other = Manifest {
+            root: ManifestRoot {
+                content_hash: ContentHash([1; 32]),
+                ..manifest.root.clone()
+            },
+            pages: manifest.pages.clone(),
+        };
+        assert_eq!(store.plan(&other).unwrap().missing_chunks, 0);
+        assert!(
+            store.verify(Some(&id), true, None).unwrap()[0]
+                .problems
+                .is_empty()
+        );
+        store.remove(&id).unwrap();
+        assert_eq!(store.index.row_key(&id).unwrap(), RowKey::from(&id));
+        assert!(store.index.page_bytes_at(&key, 0).unwrap().is_none());
+        assert_eq!(store.plan(&other).unwrap().held_chunks, 0);
+    }
+
+    #[test]
+    fn a_version_1_store_is_upgraded_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(Store::open(tmp.path(), StoreOptions::default()).unwrap());
+        let set_version = |v: u64| {
+            let db = redb::Database::open(tmp.path().join(INDEX_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap()
+                .insert("format_version", v)
+                .unwrap();
+            tx.commit().unwrap();
+        };
+        set_version(1);
+        drop(Store::open(tmp.path(), StoreOptions::default()).unwrap());
+        let db = redb::Database::open(tmp.path().join(INDEX_FILE)).unwrap();
+        let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let meta = tx
+            .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+            .unwrap();
+        assert_eq!(
+            redb::ReadableTable::get(&meta, "format_version")
+                .unwrap()
+                .unwrap()
+                .value(),
+            crate::index::STORE_FORMAT_VERSION
+        );
+    }
+}

@@ -90,6 +90,37 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Allocates disk blocks for `[offset, offset + len)` of `file`, growing its
+/// size to cover them (Linux `fallocate`, FreeBSD `posix_fallocate`), so
+/// writes there neither extend the file nor fail for lack of space. A
+/// platform or filesystem without it leaves the file alone: writes then
+/// extend it as usual.
+pub fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        match fallocate(
+            file,
+            FallocateFlags::empty(),
+            offset as libc::off_t,
+            len as libc::off_t,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    #[cfg(target_os = "freebsd")]
+    match nix::fcntl::posix_fallocate(file, offset as libc::off_t, len as libc::off_t) {
+        Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let _ = (file, offset);
+    Ok(())
+}
+
 /// Makes a rename or create inside `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
