@@ -12,10 +12,14 @@
 //!
 //! Durability order for a new blob: write the temp file, fsync it, rename it
 //! into `blobs/`, fsync `blobs/`, then commit the index (fsync'd by redb).
+//! While the file is written, its manifest pages and chunk locations already
+//! go to the index, unsynced, under a provisional row key that names no blob
+//! (see `IngestRows`); the commit links the blob id to them.
 //! What a crash leaves behind, and how `open` repairs it:
-//! - before the rename: a file in `tmp/`, deleted at open;
-//! - after the rename, before the commit: a file in `blobs/` the index does
-//!   not know, deleted at open (the add is simply not done);
+//! - before the rename: a file in `tmp/`, deleted at open, and maybe rows
+//!   under a provisional key, removed at open (the `ingests` marker);
+//! - after the rename, before the commit: also a file in `blobs/` the index
+//!   does not know, deleted at open (the add is simply not done);
 //! - after the commit: the blob is complete and durable.
 //!
 //! Partial blobs keep a presence bit per chunk. A chunk's bit is committed
