@@ -8,4 +8,5 @@ pub mod control;
 pub mod daemon;
 pub mod identity;
 mod store_cmd;
+pub mod sys;
 pub mod tls;

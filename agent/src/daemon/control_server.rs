@@ -227,6 +227,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
             // A command may have removed, quarantined (verify) or cured
             // (add) blobs: map them afresh on the next request.
             daemon.forget_all_served();
+            crate::sys::release_free_heap();
             code
         }
         Request::Status { json } => {
@@ -241,7 +242,9 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
             let json = req.json;
             let report = progress_frames(&frames);
             let progress = move |label: &str, done, total| report(label, done, total);
-            match fetch::fetch(Arc::clone(&daemon), req, uid, progress).await {
+            let result = fetch::fetch(Arc::clone(&daemon), req, uid, progress).await;
+            crate::sys::release_free_heap();
+            match result {
                 Ok(outcome) => {
                     let text = if json {
                         serde_json::to_string(&outcome).unwrap_or_default() + "\n"

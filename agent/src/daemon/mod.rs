@@ -81,6 +81,7 @@ impl std::fmt::Debug for Daemon {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, io: engine::io::IoMode) -> Result<()> {
+    crate::sys::limit_heap_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("envoy")
