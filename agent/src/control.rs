@@ -170,7 +170,8 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
     Ok(code)
 }
 
-fn new_bar() -> indicatif::ProgressBar {
+/// The progress bar every `envoy` command draws on a terminal.
+pub(crate) fn new_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

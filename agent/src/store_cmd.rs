@@ -120,14 +120,7 @@ pub(crate) fn with_progress<T: Send>(
     }
     std::thread::scope(|s| {
         s.spawn(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            let bar = crate::control::new_bar();
             bar.set_message(label.to_string());
             while !done.load(Ordering::Relaxed) {
                 bar.set_length(progress.total.load(Ordering::Relaxed));

@@ -15,7 +15,7 @@
 //! copy, not for our generation.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -180,7 +180,7 @@ pub fn run(args: IngestArgs) -> Result<()> {
         size_label(args.size),
         started.elapsed().as_secs_f64()
     );
-    warm_page_cache(&input.path)?;
+    harness::warm_file(&input.path)?;
 
     let mut ingest = Ingest {
         main_store: work.path().join("store-main"),
@@ -324,7 +324,7 @@ impl Ingest {
             Kind::B3sum | Kind::B3sumOneThread => {
                 let program = self.b3sum.as_deref().context("b3sum is not installed")?;
                 // Untimed: the adds in between may have pushed it out.
-                warm_page_cache(&self.input.path)?;
+                harness::warm_file(&self.input.path)?;
                 let mut command = Command::new(program);
                 if kind == Kind::B3sumOneThread {
                     command.args(["--num-threads", "1"]);
@@ -361,7 +361,7 @@ impl Ingest {
             Kind::Verify => {
                 // Untimed, like b3sum's input: the store's files are read
                 // from the page cache by both verify and the baseline.
-                warm_tree(&self.main_store)?;
+                harness::warm_dir(&self.main_store)?;
                 let out = harness::run_timed(
                     self.envoy_command(&self.main_store, &self.primary_io)
                         .args(["store", "verify"]),
@@ -395,7 +395,7 @@ impl Ingest {
                 );
                 // Hashing 4 GiB costs about a second: check the bytes once.
                 if warm_up {
-                    let exported = hash_file(&dest)?;
+                    let exported = harness::blake3_file(&dest)?;
                     ensure!(
                         exported == self.input.content_blake3,
                         "CORRECTNESS BUG: export wrote content hashing to {exported}, the input hashes to {}",
@@ -637,44 +637,6 @@ pub(crate) fn generate_file(path: &Path, size: u64, seed: u64) -> Result<InputFi
     })
 }
 
-/// Reads the file once so both sides start from a warm page cache.
-fn warm_page_cache(path: &Path) -> Result<()> {
-    let mut reader = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut block = vec![0u8; IO_BLOCK_BYTES];
-    while reader
-        .read(&mut block)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        > 0
-    {}
-    Ok(())
-}
-
-/// [`warm_page_cache`] for every regular file below `dir`.
-fn warm_tree(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            warm_tree(&entry.path())?;
-        } else if kind.is_file() {
-            warm_page_cache(&entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// BLAKE3 of a file in hex, as `b3sum` prints it.
-fn hash_file(path: &Path) -> Result<String> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(
-        &mut BufReader::with_capacity(IO_BLOCK_BYTES, file),
-        &mut hasher,
-    )
-    .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,7 +653,7 @@ mod tests {
         let hash_b = generate_file(&b, size, 7).unwrap().content_blake3;
         assert_eq!(std::fs::metadata(&a).unwrap().len(), size);
         assert_eq!(hash_a, hash_b);
-        assert_eq!(hash_a, hash_file(&a).unwrap());
+        assert_eq!(hash_a, harness::blake3_file(&a).unwrap());
         assert_ne!(hash_a, generate_file(&b, size, 8).unwrap().content_blake3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
