@@ -31,8 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use engine::hash::BlobId;
-use engine::manifest::ChunkEntry;
-use engine::store::{BlobReader, PartialWriter, StoreError};
+use engine::store::{PartialWriter, StoreError};
 use substrate::sched::{PeerId, Verdict};
 use substrate::serve::{Transmit, Uploader};
 use substrate::wire::{
@@ -355,28 +354,6 @@ fn recheck(daemon: &Daemon, blob: &BlobId, index: u64) {
     }
 }
 
-/// Per-blob lookups the writer needs while serving.
-struct Serving {
-    reader: Arc<BlobReader>,
-    page: Option<(u32, Arc<Vec<ChunkEntry>>)>,
-}
-
-impl Serving {
-    fn entry(&mut self, daemon: &Daemon, index: u64) -> Option<ChunkEntry> {
-        let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
-        let page = u32::try_from(index / per_page).ok()?;
-        if self.page.as_ref().map(|(p, _)| *p) != Some(page) {
-            let entries = daemon
-                .store
-                .page(self.reader.id(), self.reader.root(), page)
-                .ok()?;
-            self.page = Some((page, Arc::new(entries)));
-        }
-        let (_, entries) = self.page.as_ref()?;
-        entries.get((index % per_page) as usize).copied()
-    }
-}
-
 async fn write_loop<W: AsyncWrite + Unpin>(
     daemon: Arc<Daemon>,
     write: W,
@@ -390,7 +367,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     if w.write_all(&encode(&Frame::Hello(hello))).await.is_err() || w.flush().await.is_err() {
         return;
     }
-    let mut serving: Option<(BlobId, Serving)> = None;
+    let mut serving: Option<(BlobId, Arc<super::Served>)> = None;
     let result: Result<(), String> = async {
         loop {
             // Take what is queued without waiting.
@@ -431,7 +408,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         chunk_index,
                     } => {
                         if serving.as_ref().map(|(b, _)| *b) != Some(blob) {
-                            let Some(reader) = daemon.served_blob(&blob) else {
+                            let Some(served) = daemon.served_blob(&blob) else {
                                 // Removed or quarantined since admission.
                                 uploader.handle_cancel(now(epoch), request);
                                 w.write_all(&encode(&Frame::Reject {
@@ -442,10 +419,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                                 .map_err(|e| e.to_string())?;
                                 continue;
                             };
-                            serving = Some((blob, Serving { reader, page: None }));
+                            serving = Some((blob, served));
                         }
-                        let (_, s) = serving.as_mut().expect("set above");
-                        let Some(e) = s.entry(&daemon, chunk_index) else {
+                        let (_, s) = serving.as_ref().expect("set above");
+                        let Some(e) = s.entry(&daemon.store, chunk_index) else {
                             return Err(format!("chunk {chunk_index} of {blob} has no entry"));
                         };
                         let Some(payload) = s.reader.range(e.offset, u64::from(e.len)) else {
@@ -554,9 +531,9 @@ async fn handle_out<W: AsyncWrite + Unpin>(
         Out::GetManifest(blob) => {
             let frames = match daemon.served_blob(&blob) {
                 Some(r) => {
-                    let root = r.root().encode();
+                    let root = r.reader.root().encode();
                     let mut bytes = encode(&Frame::ManifestRoot { blob, root: &root });
-                    let have = HaveMap::all(blob, 0, r.root().chunk_count);
+                    let have = HaveMap::all(blob, 0, r.reader.root().chunk_count);
                     bytes.extend_from_slice(&encode(&Frame::Have(have)));
                     bytes
                 }
@@ -584,25 +561,19 @@ async fn handle_out<W: AsyncWrite + Unpin>(
 
 /// The uploader's admission lookup: the run's bytes, or why not.
 fn resolve(daemon: &Daemon, r: &Request) -> Result<u64, RejectCode> {
-    let reader = daemon.served_blob(&r.blob).ok_or(RejectCode::NOT_HELD)?;
-    let root = reader.root();
+    let served = daemon.served_blob(&r.blob).ok_or(RejectCode::NOT_HELD)?;
     let end = r
         .first_chunk
         .checked_add(u64::from(r.chunk_count))
         .ok_or(RejectCode::NOT_HELD)?;
-    if r.chunk_count == 0 || end > root.chunk_count {
+    if r.chunk_count == 0 || end > served.reader.root().chunk_count {
         return Err(RejectCode::NOT_HELD);
     }
     // Offsets are contiguous: the run's bytes are end offset − start offset.
-    let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
-    let entry = |i: u64| -> Result<ChunkEntry, RejectCode> {
-        let page = daemon
-            .store
-            .page(&r.blob, root, (i / per_page) as u32)
-            .map_err(|_| RejectCode::UNAVAILABLE)?;
-        page.get((i % per_page) as usize)
-            .copied()
-            .ok_or(RejectCode::NOT_HELD)
+    let entry = |i: u64| {
+        served
+            .entry(&daemon.store, i)
+            .ok_or(RejectCode::UNAVAILABLE)
     };
     let first = entry(r.first_chunk)?;
     let last = entry(end - 1)?;

@@ -41,6 +41,51 @@ pub use fetch::FetchOutcome;
 /// Burst of the daemon-wide upload bucket (at most one second's worth).
 const UPLOAD_BURST_BYTES: u64 = 4 << 20;
 
+/// Decoded manifest pages kept per served blob: admission (first and last
+/// chunk of a run) and sending look chunks up in the same few pages.
+const SERVED_PAGES_CACHED: usize = 4;
+
+/// A sealed blob being served: its map and the manifest pages in use, shared
+/// by every connection's admission and sending (each page is read from the
+/// index and hash-checked once, not once per request and again per chunk).
+pub(crate) struct Served {
+    pub reader: BlobReader,
+    pages: Mutex<Vec<(u32, Arc<Vec<engine::manifest::ChunkEntry>>)>>,
+}
+
+impl Served {
+    /// Manifest entry of chunk `index`; `None` beyond the blob or when its
+    /// page cannot be read.
+    pub(crate) fn entry(&self, store: &Store, index: u64) -> Option<engine::manifest::ChunkEntry> {
+        let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
+        let page = u32::try_from(index / per_page).ok()?;
+        let cached = self
+            .pages
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .find(|(p, _)| *p == page)
+            .map(|(_, e)| Arc::clone(e));
+        let entries = match cached {
+            Some(e) => e,
+            None => {
+                let e = Arc::new(
+                    store
+                        .page(self.reader.id(), self.reader.root(), page)
+                        .ok()?,
+                );
+                let mut pages = self.pages.lock().expect("poisoned");
+                if pages.len() >= SERVED_PAGES_CACHED {
+                    pages.remove(0);
+                }
+                pages.push((page, Arc::clone(&e)));
+                e
+            }
+        };
+        entries.get((index % per_page) as usize).copied()
+    }
+}
+
 /// State shared by every task of the daemon.
 pub struct Daemon {
     pub config: Config,
@@ -50,7 +95,7 @@ pub struct Daemon {
     acceptor: tokio_rustls::TlsAcceptor,
     connector: tokio_rustls::TlsConnector,
     /// Sealed blobs being served, mapped once and shared by connections.
-    served: Mutex<HashMap<BlobId, Arc<BlobReader>>>,
+    served: Mutex<HashMap<BlobId, Arc<Served>>>,
     conns_total: AtomicU32,
     conns_by_peer: Mutex<HashMap<PeerKey, u32>>,
     /// Blobs being fetched (one fetch per blob at a time).
@@ -283,16 +328,19 @@ impl Daemon {
     }
 
     /// The mapped sealed blob `id`, opened once and shared.
-    pub(crate) fn served_blob(&self, id: &BlobId) -> Option<Arc<BlobReader>> {
+    pub(crate) fn served_blob(&self, id: &BlobId) -> Option<Arc<Served>> {
         if let Some(r) = self.served.lock().expect("poisoned").get(id) {
             return Some(Arc::clone(r));
         }
-        let reader = Arc::new(self.store.open_blob(id).ok()?);
+        let served = Arc::new(Served {
+            reader: self.store.open_blob(id).ok()?,
+            pages: Mutex::new(Vec::new()),
+        });
         self.served
             .lock()
             .expect("poisoned")
-            .insert(*id, Arc::clone(&reader));
-        Some(reader)
+            .insert(*id, Arc::clone(&served));
+        Some(served)
     }
 
     /// When the daemon-wide upload limit allows the next chunk: `None` now.
