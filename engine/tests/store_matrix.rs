@@ -253,6 +253,105 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
     }
 }
 
+/// The receiving path of a fetch: batches verified and written by a
+/// `PartialWriter` (bad and out-of-range chunks refused per chunk), commits
+/// that write the chunk rows of completed pages as they go, and a seal that
+/// writes the rest. Enough pages (tiny chunks) that both happen; every
+/// chunk must then be found for delta assembly, whichever wrote its row.
+#[test]
+fn partial_writer_batches_commits_and_seals() {
+    let params = ChunkerParams::with_avg(256).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    let data = random(&mut rng, 24 << 20);
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let pages = m.root.pages.len();
+    // Commits write rows 16 completed pages at a time; the seal the rest.
+    assert!(
+        pages > 16,
+        "{pages} pages: rows written by commits and by the seal"
+    );
+    let id = m.id();
+    let entries = m.entries().unwrap();
+    for (label, options) in backends(params) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store =
+            std::sync::Arc::new(Store::open(&tmp.path().join("s"), options.clone()).unwrap());
+        store.begin_partial(&m, &owner()).unwrap();
+        let writer = store.partial_writer(&id).unwrap();
+        let mut order: Vec<u64> = (0..entries.len() as u64).collect();
+        // Runs of consecutive chunks, in shuffled run order (as several
+        // peers deliver them).
+        let mut runs: Vec<&[u64]> = order.chunks_mut(700).map(|r| &*r).collect();
+        for i in (1..runs.len()).rev() {
+            runs.swap(i, rng.random_range(0..=i));
+        }
+        let bytes_of = |i: u64| {
+            let e = entries[i as usize];
+            &data[e.offset as usize..e.end() as usize]
+        };
+        let corrupt_index = runs[0][3];
+        let mut corrupt = bytes_of(corrupt_index).to_vec();
+        corrupt[0] ^= 1;
+        for (n, run) in runs.iter().enumerate() {
+            let mut batch: Vec<(u64, &[u8])> = run.iter().map(|&i| (i, bytes_of(i))).collect();
+            if n == 0 {
+                batch[3].1 = &corrupt;
+                batch.push((entries.len() as u64 + 5, b"beyond the blob"));
+            }
+            let verdicts = writer.write_batch(&batch).unwrap();
+            let committed: Vec<u64> = batch
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, ok)| **ok)
+                .map(|((i, _), _)| *i)
+                .collect();
+            if n == 0 {
+                assert_eq!(
+                    committed.len(),
+                    run.len() - 1,
+                    "{label}: the bad chunk and the stray one refused"
+                );
+                assert!(!committed.contains(&corrupt_index));
+            } else {
+                assert_eq!(committed.len(), run.len(), "{label}");
+            }
+            writer.commit(&committed).unwrap();
+        }
+        assert_eq!(
+            store.missing_chunks(&id).unwrap(),
+            vec![corrupt_index],
+            "{label}"
+        );
+        assert!(
+            matches!(writer.seal(), Err(StoreError::Incomplete(_))),
+            "{label}"
+        );
+        let fixed = writer
+            .write_batch(&[(corrupt_index, bytes_of(corrupt_index))])
+            .unwrap();
+        assert_eq!(fixed, vec![true]);
+        writer.commit(&[corrupt_index]).unwrap();
+        writer.seal().unwrap();
+        drop(writer);
+        assert_eq!(read_all(&store, &id).unwrap(), data, "{label}");
+
+        // A second version sharing most chunks finds all of them locally.
+        let mut edited = data.clone();
+        edited[1 << 20] ^= 0xff;
+        let m2 = MemStore::manifest_of(&Chunker::new(params).unwrap(), &edited);
+        let oracle = MemStore::new(Chunker::new(params).unwrap());
+        oracle.add(&data);
+        store.begin_partial(&m2, &owner()).unwrap();
+        let plan = store.assemble_local(&m2.id()).unwrap();
+        assert_eq!(
+            plan,
+            oracle.plan(&m2),
+            "{label}: every chunk row was written"
+        );
+        assert!(plan.missing_chunks <= 2, "{label}: {plan:?}");
+    }
+}
+
 #[test]
 fn concurrent_adds_of_the_same_file() {
     let mut rng = StdRng::seed_from_u64(4);

@@ -9,9 +9,9 @@
 //! Requests for us (`GetManifest*`, `Request`, `Cancel`) go to the writer;
 //! answers (`ManifestRoot`, `ManifestPage`, `NotFound`, `Have`, `Reject`)
 //! go to the tap's fetch as encoded frames. `Data` is the hot path: the
-//! payload is checked against the manifest and written at its offset by
-//! the fetch's `PartialWriter` right here, borrowed from the decoder's
-//! buffer (no copy), and only the verdict travels to the fetch.
+//! payload is copied into the connection's `Intake` batch, verified against
+//! the manifest and written at its offset on the blocking pool while this
+//! reader decrypts the next frames; only verdicts travel to the fetch.
 //!
 //! # Writer
 //! Owns the write half behind a `BufWriter`, the `Uploader` (credit, request
@@ -23,7 +23,7 @@
 //! See ARCHITECTURE.md ("The transfer data path"): serving, mapped file →
 //! `BufWriter` → rustls record buffer (encrypted in place) → kernel;
 //! receiving, kernel → rustls (decrypted in place) → the `Decoder`'s buffer
-//! (read straight into it) → `pwrite`.
+//! (read straight into it) → the intake batch → `pwritev`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use engine::hash::BlobId;
-use engine::store::{PartialWriter, StoreError};
+use engine::store::PartialWriter;
 use substrate::sched::{PeerId, Verdict};
 use substrate::serve::{Transmit, Uploader};
 use substrate::wire::{
@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{Notify, mpsc};
 
 use super::Daemon;
+use super::intake::Intake;
 use crate::identity::PeerKey;
 
 /// Bytes read from the TLS stream at a time.
@@ -207,6 +208,33 @@ async fn read_loop<R: AsyncRead + Unpin>(
     peer: PeerKey,
 ) -> String {
     let mut decoder = Decoder::new(Limits::DEFAULT);
+    let mut intake: Option<Intake> = None;
+    let why = read_frames(
+        &daemon,
+        &mut read,
+        &out,
+        tap.as_ref(),
+        peer,
+        &mut decoder,
+        &mut intake,
+    )
+    .await;
+    // Verdicts of what was received reach the fetch before `Closed`.
+    if let Some(i) = intake {
+        i.finish().await;
+    }
+    why
+}
+
+async fn read_frames<R: AsyncRead + Unpin>(
+    daemon: &Arc<Daemon>,
+    read: &mut R,
+    out: &mpsc::Sender<Out>,
+    tap: Option<&Tap>,
+    peer: PeerKey,
+    decoder: &mut Decoder,
+    intake: &mut Option<Intake>,
+) -> String {
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
     loop {
@@ -221,6 +249,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return format!("read failed: {e}"),
             },
+            b = async { intake.as_mut().expect("guarded").returned().await }, if intake.is_some() => {
+                if let Err(why) = intake.as_mut().expect("guarded").on_returned(b).await {
+                    return why;
+                }
+                continue;
+            }
             _ = shutdown.changed() => {
                 let _ = out.send(Out::Close(CloseCode::SHUTDOWN, "shutting down".into())).await;
                 return "shutting down".into();
@@ -230,12 +264,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let frame = match decoder.poll_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return refuse(&out, peer, &e).await,
+                Err(e) => return refuse(out, peer, &e).await,
             };
-            match on_frame(&daemon, &out, tap.as_ref(), peer, frame).await {
+            match on_frame(daemon, out, tap, peer, intake, frame).await {
                 Ok(()) => {}
                 Err(why) => return why,
             }
+        }
+        if let Some(i) = intake.as_mut()
+            && let Err(why) = i.drained().await
+        {
+            return why;
         }
     }
 }
@@ -252,6 +291,7 @@ async fn on_frame(
     out: &mpsc::Sender<Out>,
     tap: Option<&Tap>,
     peer: PeerKey,
+    intake: &mut Option<Intake>,
     frame: Frame<'_>,
 ) -> Result<(), String> {
     let to_writer = |m| async { out.send(m).await.map_err(|_| "writer gone".to_string()) };
@@ -304,28 +344,16 @@ async fn on_frame(
             let Some(t) = tap else {
                 return violation(out, peer, "data on a connection that requested nothing").await;
             };
-            let Some(writer) = t.writer.get() else {
-                return violation(out, peer, "data before any request").await;
-            };
-            let verdict = match writer.write(chunk_index, payload) {
-                Ok(()) => Verdict::Ok,
-                Err(StoreError::BadChunk { .. }) => Verdict::Bad,
-                Err(e) => {
-                    let _ = t
-                        .events
-                        .send((t.peer, PeerEvent::LocalError(e.to_string())));
-                    return Err(format!("local write failed: {e}"));
+            let intake = match intake {
+                Some(i) => i,
+                None => {
+                    let Some(writer) = t.writer.get() else {
+                        return violation(out, peer, "data before any request").await;
+                    };
+                    intake.insert(Intake::start(t, Arc::clone(writer)))
                 }
             };
-            let _ = t.events.send((
-                t.peer,
-                PeerEvent::Data {
-                    request,
-                    index: chunk_index,
-                    verdict,
-                    bytes: payload.len() as u32,
-                },
-            ));
+            intake.push(request, chunk_index, payload).await?;
         }
     }
     Ok(())

@@ -382,9 +382,13 @@ pub(crate) async fn fetch(
     if let Some(f) = failure {
         return Err(f);
     }
-    drop(writer);
-    let s = Arc::clone(&store);
-    blocking(move || s.seal_partial(&id)).await?;
+    let received = started.elapsed();
+    blocking(move || writer.seal()).await?;
+    tracing::info!(
+        "fetched {id}: received in {:.2} s, sealed in {:.2} s",
+        received.as_secs_f64(),
+        (started.elapsed() - received).as_secs_f64()
+    );
     progress("fetching", total, total);
     Ok(FetchOutcome {
         id: id.to_string(),

@@ -11,13 +11,16 @@
 //! - `fetch`: one task per `envoy fetch`, driving `substrate::sched`.
 //! - `control`: the control socket server (one task per client).
 //!
-//! Store calls block (redb, fsync): they run on tokio's blocking pool,
-//! except the per-chunk hash + `pwrite` of received data, done in place on
-//! the connection's reader (microseconds per chunk, no copy).
+//! - `intake`: received chunks, verified and written in batches on the
+//!   blocking pool while the connection's reader decrypts the next ones.
+//!
+//! Store calls block (redb, fsync, hashing and writing received data): they
+//! run on tokio's blocking pool.
 
 mod conn;
 mod control_server;
 mod fetch;
+mod intake;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,231 @@
+//! Received chunks on their way to the disk: the hot path of a fetch.
+//!
+//! A connection's reader decrypts and decodes; everything after that
+//! (BLAKE3 of each chunk, the write at its offset) runs here, on tokio's
+//! blocking pool, one batch at a time per connection. So the two halves of
+//! receiving run on two cores at once, and a batch is verified and written
+//! as one ([`PartialWriter::write_batch`]: SIMD lanes across its chunks, one
+//! vectored write per run of consecutive chunks).
+//!
+//! Batches fill up to [`BATCH_BYTES`], but never wait for that while the
+//! disk side is idle: when the reader has decoded everything it read and no
+//! batch is being written, it hands over what it has. At most
+//! [`BATCHES_MAX`] batches exist per connection (one filling, one queued,
+//! one being written), recycled, so memory is fixed and no buffer is
+//! allocated per batch.
+//!
+//! Verdicts travel to the fetch in arrival order, after the chunk is
+//! written (or found bad); [`Intake::finish`] waits for the last batch, so
+//! a connection's `Closed` event always comes after its `Data` events.
+
+use std::sync::Arc;
+
+use engine::store::PartialWriter;
+use substrate::sched::Verdict;
+use substrate::wire::RequestId;
+use tokio::sync::mpsc;
+
+use super::conn::{PeerEvent, Tap};
+
+/// A batch is handed over once it holds this many payload bytes.
+pub(crate) const BATCH_BYTES: usize = 1 << 20;
+/// Batches per connection: one filling, one queued, one being written.
+const BATCHES_MAX: usize = 3;
+
+/// Received chunks, payloads back to back in `buf`.
+pub(crate) struct Batch {
+    buf: Vec<u8>,
+    /// (request, chunk index, payload length), in arrival order.
+    chunks: Vec<(RequestId, u64, u32)>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            // A chunk may push a batch past BATCH_BYTES by up to its length.
+            buf: Vec::with_capacity(
+                BATCH_BYTES + substrate::wire::Limits::DEFAULT.chunk_bytes_max as usize,
+            ),
+            chunks: Vec::new(),
+        }
+    }
+}
+
+/// The intake of one connection.
+pub(crate) struct Intake {
+    filling: Batch,
+    /// Spare batches (returned by the worker once written).
+    free: Vec<Batch>,
+    batches: usize,
+    /// Batches handed to the worker and not yet returned.
+    in_flight: usize,
+    to_worker: Option<mpsc::Sender<Batch>>,
+    returned: mpsc::UnboundedReceiver<Batch>,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+impl Intake {
+    pub(crate) fn start(tap: &Tap, writer: Arc<PartialWriter>) -> Self {
+        let (to_worker, from_reader) = mpsc::channel(1);
+        let (give_back, returned) = mpsc::unbounded_channel();
+        let worker = tokio::spawn(work(from_reader, give_back, tap.clone(), writer));
+        Intake {
+            filling: Batch::new(),
+            free: Vec::new(),
+            batches: 1,
+            in_flight: 0,
+            to_worker: Some(to_worker),
+            returned,
+            worker,
+        }
+    }
+
+    /// Adds one received chunk; hands the batch over when it is full.
+    /// `Err` when the worker stopped (a local write failed; it told the
+    /// fetch).
+    pub(crate) async fn push(
+        &mut self,
+        request: RequestId,
+        index: u64,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        self.filling.buf.extend_from_slice(payload);
+        self.filling
+            .chunks
+            .push((request, index, payload.len() as u32));
+        if self.filling.buf.len() >= BATCH_BYTES {
+            self.hand_over().await?;
+        }
+        Ok(())
+    }
+
+    /// The reader decoded everything it had: hand over a partial batch if
+    /// the worker is idle (so chunks never wait for more to arrive).
+    pub(crate) async fn drained(&mut self) -> Result<(), String> {
+        if self.in_flight == 0 && !self.filling.chunks.is_empty() {
+            self.hand_over().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the worker to return a batch (pending forever while none
+    /// is in flight). Cancel-safe, for `select!` next to the reader's read;
+    /// pass the result to [`Intake::on_returned`].
+    pub(crate) async fn returned(&mut self) -> Option<Batch> {
+        if self.in_flight == 0 {
+            std::future::pending::<()>().await;
+        }
+        self.returned.recv().await
+    }
+
+    /// Takes a returned batch back, then behaves as [`Intake::drained`].
+    pub(crate) async fn on_returned(&mut self, b: Option<Batch>) -> Result<(), String> {
+        let b = b.ok_or("the chunk writer stopped")?;
+        self.take_back(b);
+        self.drained().await
+    }
+
+    /// Hands over what is left and waits until every batch is written and
+    /// its verdicts sent.
+    pub(crate) async fn finish(mut self) {
+        if !self.filling.chunks.is_empty() {
+            let _ = self.hand_over().await;
+        }
+        drop(self.to_worker.take());
+        let _ = self.worker.await;
+    }
+
+    fn take_back(&mut self, b: Batch) {
+        self.in_flight -= 1;
+        self.free.push(b);
+    }
+
+    async fn hand_over(&mut self) -> Result<(), String> {
+        let next = match self.free.pop() {
+            Some(b) => b,
+            None if self.batches < BATCHES_MAX => {
+                self.batches += 1;
+                Batch::new()
+            }
+            None => {
+                let b = self
+                    .returned
+                    .recv()
+                    .await
+                    .ok_or("the chunk writer stopped")?;
+                self.in_flight -= 1;
+                b
+            }
+        };
+        let full = std::mem::replace(&mut self.filling, next);
+        let tx = self.to_worker.as_ref().ok_or("the chunk writer stopped")?;
+        tx.send(full)
+            .await
+            .map_err(|_| "the chunk writer stopped".to_string())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+}
+
+/// Verifies and writes batches in order; reports each chunk's verdict.
+async fn work(
+    mut batches: mpsc::Receiver<Batch>,
+    give_back: mpsc::UnboundedSender<Batch>,
+    tap: Tap,
+    writer: Arc<PartialWriter>,
+) {
+    while let Some(batch) = batches.recv().await {
+        let w = Arc::clone(&writer);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut at = 0usize;
+            let chunks: Vec<(u64, &[u8])> = batch
+                .chunks
+                .iter()
+                .map(|&(_, index, len)| {
+                    let bytes = &batch.buf[at..at + len as usize];
+                    at += len as usize;
+                    (index, bytes)
+                })
+                .collect();
+            let verdicts = w.write_batch(&chunks);
+            drop(chunks);
+            (batch, verdicts)
+        })
+        .await;
+        let (mut batch, verdicts) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let why = format!("chunk writer failed: {e}");
+                let _ = tap.events.send((tap.peer, PeerEvent::LocalError(why)));
+                return;
+            }
+        };
+        let verdicts = match verdicts {
+            Ok(v) => v,
+            Err(e) => {
+                // Only local failures (disk full, IO error) reach here: a
+                // chunk that does not match is a verdict, not an error.
+                let _ = tap
+                    .events
+                    .send((tap.peer, PeerEvent::LocalError(e.to_string())));
+                return;
+            }
+        };
+        for (&(request, index, bytes), ok) in batch.chunks.iter().zip(verdicts) {
+            let _ = tap.events.send((
+                tap.peer,
+                PeerEvent::Data {
+                    request,
+                    index,
+                    verdict: if ok { Verdict::Ok } else { Verdict::Bad },
+                    bytes,
+                },
+            ));
+        }
+        batch.buf.clear();
+        batch.chunks.clear();
+        if give_back.send(batch).is_err() {
+            return;
+        }
+    }
+}
