@@ -21,6 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use engine::io::SequentialFile;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{StoreCommand, exit};
@@ -119,10 +120,11 @@ pub enum Sink {
 pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8> {
     let body = serde_json::to_vec(request).context("cannot encode request")?;
     write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
-    let mut out: Box<dyn Write> = match &sink {
-        Sink::Stdout => Box::new(io::stdout().lock()),
-        Sink::File(path) => Box::new(TempOut::create(path)?),
+    let mut temp = match &sink {
+        Sink::File(path) => Some(TempOut::create(path)?),
+        Sink::Stdout => None,
     };
+    let mut stdout = io::stdout().lock();
     let bar = io::stderr().is_terminal().then(new_bar);
     let mut stderr = io::stderr();
     let mut reader = io::BufReader::with_capacity(OUTPUT_SLICE_BYTES + 8, &mut stream);
@@ -132,7 +134,10 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
             bail!("the daemon closed the connection before answering (did it stop?)");
         };
         match kind {
-            KIND_STDOUT => match out.write_all(&body) {
+            KIND_STDOUT => match match &mut temp {
+                Some(t) => t.write_all(&body),
+                None => stdout.write_all(&body),
+            } {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit::OK),
                 Err(e) => return Err(e).context("cannot write output"),
@@ -158,14 +163,11 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    out.flush()?;
-    drop(out);
-    if let Sink::File(path) = sink {
-        if code == exit::OK {
-            TempOut::commit(&path)?;
-        } else {
-            TempOut::discard(&path);
-        }
+    stdout.flush()?;
+    if let Some(t) = temp
+        && code == exit::OK
+    {
+        t.commit()?;
     }
     Ok(code)
 }
@@ -183,35 +185,47 @@ pub(crate) fn new_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// The temp file behind [`Sink::File`].
+/// The temp file behind [`Sink::File`]: written front to back with direct
+/// IO where the filesystem allows it (`engine::io::SequentialFile`), then fsync'd
+/// and renamed into place by [`TempOut::commit`]; removed if dropped
+/// uncommitted (an error, or the daemon reported failure).
 struct TempOut {
-    file: io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    temp: PathBuf,
+    file: Option<SequentialFile>,
 }
 
 impl TempOut {
-    fn temp_path(path: &Path) -> PathBuf {
+    fn create(path: &Path) -> Result<TempOut> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        path.with_file_name(format!(".{name}.vigo-partial"))
-    }
-
-    fn create(path: &Path) -> Result<TempOut> {
-        let temp = Self::temp_path(path);
-        let file = std::fs::File::create(&temp)
+        let temp = path.with_file_name(format!(".{name}.vigo-partial"));
+        // Our own name: what an interrupted earlier export left.
+        let _ = std::fs::remove_file(&temp);
+        let file = SequentialFile::create(&temp)
             .with_context(|| format!("cannot create {}", temp.display()))?;
         Ok(TempOut {
-            file: io::BufWriter::with_capacity(1 << 20, file),
+            path: path.to_owned(),
+            temp,
+            file: Some(file),
         })
     }
 
-    fn commit(path: &Path) -> Result<()> {
-        let temp = Self::temp_path(path);
-        std::fs::File::open(&temp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot sync {}", temp.display()))?;
-        std::fs::rename(&temp, path)
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.as_mut().expect("not committed").write_all(bytes)
+    }
+
+    /// Makes the temp file durable and renames it into place.
+    fn commit(mut self) -> Result<()> {
+        let (path, temp) = (&self.path, &self.temp);
+        self.file
+            .take()
+            .expect("committed once")
+            .finish()
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        std::fs::rename(temp, path)
             .with_context(|| format!("cannot rename {} to {}", temp.display(), path.display()))?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -221,18 +235,13 @@ impl TempOut {
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot sync directory {}", dir.display()))
     }
-
-    fn discard(path: &Path) {
-        let _ = std::fs::remove_file(Self::temp_path(path));
-    }
 }
 
-impl Write for TempOut {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+impl Drop for TempOut {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
     }
 }
 

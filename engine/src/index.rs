@@ -56,7 +56,7 @@ const ROW_KEY_BLOBS: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::ne
 const RECORD_VERSION: u8 = 1;
 /// redb page cache: enough for the hot B-tree levels; kept small so the
 /// store's anonymous memory stays flat.
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 8 << 20;
 
 /// A blob's row in `blobs`.
 #[derive(Clone, Debug)]

@@ -320,6 +320,94 @@ impl Drop for PortableWriter {
     }
 }
 
+/// Bytes per buffer of a [`SequentialFile`] (one direct write each).
+const SEQUENTIAL_SLAB_BYTES: usize = 2 << 20;
+
+/// A new file written front to back, durably, without filling the page
+/// cache: exports (a blob written out once and not read back here).
+///
+/// Through the page cache, the kernel's copy into fresh page-cache folios was
+/// half of the exporting process's time on the reference VM (perf, 4 GiB
+/// export) and the dirty data waited in memory for the final fsync. Here
+/// buffers go to the disk with direct IO where the filesystem allows it,
+/// [`PORTABLE_WRITES_IN_FLIGHT`] at a time while the next one fills; the
+/// last, partial block is written padded and the file then cut to its exact
+/// length. Where direct IO is refused (tmpfs, some FUSE, other platforms)
+/// the same writes go through the page cache.
+pub struct SequentialFile {
+    file: File,
+    pool: Arc<SlabPool>,
+    writer: PortableWriter,
+    filling: Option<crate::sys::pool::SlabLease>,
+    filled: usize,
+    /// Bytes handed to the writer so far (whole buffers).
+    offset: u64,
+}
+
+impl SequentialFile {
+    /// Creates `path`, which must not exist (mode 0644 less the umask).
+    pub fn create(path: &std::path::Path) -> io::Result<Self> {
+        let (file, _direct) = crate::sys::create_for_writing(path, true)?;
+        let pool = SlabPool::new(PORTABLE_WRITES_IN_FLIGHT + 1, SEQUENTIAL_SLAB_BYTES);
+        let filling = Some(pool.lease());
+        Ok(SequentialFile {
+            file,
+            pool,
+            writer: PortableWriter::new()?,
+            filling,
+            filled: 0,
+            offset: 0,
+        })
+    }
+
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let lease = self.filling.as_mut().expect("a slab is always filling");
+            let n = bytes.len().min(SEQUENTIAL_SLAB_BYTES - self.filled);
+            lease.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == SEQUENTIAL_SLAB_BYTES {
+                self.submit(SEQUENTIAL_SLAB_BYTES)?;
+                self.filling = Some(self.pool.lease());
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the filling slab to the writer, padded to `padded` bytes.
+    fn submit(&mut self, padded: usize) -> io::Result<()> {
+        let slab = self
+            .filling
+            .take()
+            .expect("a slab is filling")
+            .freeze(self.filled);
+        self.writer.write(&self.file, slab, padded, self.offset)?;
+        self.offset += self.filled as u64;
+        self.filled = 0;
+        Ok(())
+    }
+
+    /// Writes what is buffered, waits for every write, cuts the file to the
+    /// bytes written and makes it durable (fsync). The caller renames it
+    /// into place.
+    pub fn finish(mut self) -> io::Result<File> {
+        let len = self.offset + self.filled as u64;
+        if self.filled > 0 {
+            let padded = self
+                .filled
+                .next_multiple_of(crate::sys::DIRECT_ALIGN as usize);
+            let lease = self.filling.as_mut().expect("a slab is filling");
+            lease.as_mut_slice()[self.filled..padded].fill(0);
+            self.submit(padded)?;
+        }
+        self.writer.drain()?;
+        self.file.set_len(len)?;
+        self.file.sync_all()?;
+        Ok(self.file)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +421,29 @@ mod tests {
                 .parse::<IoMode>()
                 .unwrap_err()
                 .contains("auto, uring or portable")
+        );
+    }
+
+    #[test]
+    fn sequential_file_writes_exact_bytes_at_every_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * SEQUENTIAL_SLAB_BYTES + 12_345))
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let s = SEQUENTIAL_SLAB_BYTES;
+        for len in [0, 1, 4095, 4096, 4097, s - 1, s, s + 1, data.len()] {
+            let path = dir.path().join(format!("f{len}"));
+            let mut f = SequentialFile::create(&path).unwrap();
+            // Uneven pieces, as a socket delivers them.
+            for piece in data[..len].chunks(65_537) {
+                f.write_all(piece).unwrap();
+            }
+            f.finish().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data[..len], "length {len}");
+        }
+        assert!(
+            SequentialFile::create(&dir.path().join("f0")).is_err(),
+            "never replaces a file"
         );
     }
 

@@ -646,7 +646,7 @@ impl Store {
         mut page: impl FnMut(u32, &crate::index::Tx) -> Result<Vec<ChunkEntry>, StoreError>,
     ) -> Result<crate::index::Tx, StoreError> {
         let mut tx = self.index.write()?;
-        let mut batch = Vec::with_capacity((PAGES_PER_TX * crate::manifest::PAGE_CHUNKS) as usize);
+        let mut batch = Vec::new();
         for i in 0..pages {
             batch.extend(page(i, &tx)?);
             if (i + 1) % PAGES_PER_TX == 0 {
@@ -888,19 +888,14 @@ impl Store {
         let temp = TempFiles::new(vec![
             dir.join(format!(".{name}.vigo-export-{}", std::process::id())),
         ]);
-        let out = File::create(&temp.paths[0])
+        let _ = fs::remove_file(&temp.paths[0]);
+        let mut out = crate::io::SequentialFile::create(&temp.paths[0])
             .map_err(StoreError::io("cannot create", &temp.paths[0]))?;
-        let mut offset = 0u64;
-        let written = self.read_verified(id, progress, &mut |bytes| {
-            out.write_all_at(bytes, offset)?;
-            offset += bytes.len() as u64;
-            Ok(())
-        })?;
+        let written = self.read_verified(id, progress, &mut |bytes| out.write_all(bytes))?;
         // Durable before it is visible: a crash must never leave `target`
         // replaced by an empty or partial file.
-        out.sync_all()
-            .map_err(StoreError::io("cannot sync", &temp.paths[0]))?;
-        drop(out);
+        out.finish()
+            .map_err(StoreError::io("cannot write", &temp.paths[0]))?;
         fs::rename(&temp.paths[0], target)
             .map_err(StoreError::io("cannot rename export to", target))?;
         sys::sync_dir(dir).map_err(StoreError::io("cannot sync", dir))?;
@@ -1652,7 +1647,7 @@ impl PartialWriter {
 /// Completed pages a [`PartialWriter::commit`] collects before writing their
 /// chunk rows in one transaction (few large transactions cost far less than
 /// many small ones, see [`IngestRows`]); sealing writes the rest.
-const ROWS_PAGES_MIN: usize = 16;
+const ROWS_PAGES_MIN: usize = 8;
 
 /// Which pages of a partial blob have their chunk rows.
 struct RowsState {

@@ -173,6 +173,8 @@ pub(crate) async fn fetch(
         })
         .await?
     };
+    // The whole manifest (tens of MB for a large blob) was just freed.
+    crate::sys::release_free_heap();
     let writer = Arc::new(store.partial_writer(&id)?);
     let _ = writer_slot.set(Arc::clone(&writer));
     let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
@@ -369,11 +371,15 @@ pub(crate) async fn fetch(
     }
 
     // 4./5. Commit what was written (also on failure: resume keeps it).
+    drop(sched);
     if let Some(c) = commit.take() {
         c.await??;
     }
     let w = Arc::clone(&writer);
     blocking(move || w.commit(&pending)).await?;
+    // The scheduler's per-chunk state is gone: hand its memory back before
+    // the seal's index transaction needs some (the receiver's peak).
+    crate::sys::release_free_heap();
     for p in peers.values() {
         if let Some(c) = &p.conn {
             c.close(CloseCode::NORMAL, "").await;
