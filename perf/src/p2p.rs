@@ -23,6 +23,19 @@
 //!
 //! The receiving daemon's `RssAnon` is sampled during every fetch (it is
 //! the process that holds transfer state; the CLI only relays).
+//!
+//! Then, unless `--no-multi-source`, the multi-source phase
+//! (`multi_source_speedup`): `sendme send` is stopped (its store goes), two
+//! more sending envoys are set up as the first one was (`source-2`,
+//! `source-3`, each with its own store holding the blob), the first sender
+//! is restarted, and each of the three runs with `rate.upload_bytes_per_s`
+//! (its daemon-wide upload token bucket) at one third of the rate of this
+//! run's median uncapped `envoy fetch`. The receiver is restarted admitting
+//! all three keys, and one warm-up plus `--runs` counted runs of
+//! `envoy fetch --from A,B,C` follow (sealed, no `--out`), each removed
+//! again afterwards. `multi_source_speedup` = the uncapped one-source median
+//! time / the three-source median time: 1.0 when three capped sources
+//! together deliver what one uncapped source does.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -53,12 +66,25 @@ const P2P_GB_PER_S_MIN: f64 = 1.2;
 const P2P_VS_SENDME_MIN: f64 = 3.0;
 /// Peak anonymous memory of the receiving daemon during a fetch (goal, issue 3).
 const RECEIVER_ANON_RSS_MIB_MAX: f64 = 64.0;
+/// One uncapped source's time over three sources' each capped at a third
+/// of that source's rate (goal, issue 3).
+const MULTI_SOURCE_SPEEDUP_MIN: f64 = 0.83;
+/// Sources of the multi-source phase; each is capped at this share of the
+/// uncapped rate, so together they could match one uncapped source.
+const MULTI_SOURCES: u64 = 3;
+/// State directories and roles of the sources the multi-source phase adds
+/// to the first sender.
+const EXTRA_SOURCES: [(&str, &str); 2] = [("source-2", "source 2"), ("source-3", "source 3")];
 /// Room kept free beyond what the bench writes: the receiver's own fetch
 /// reserve (`limits.reserve_bytes`, 1 GiB by default) plus slack.
 const DISK_SLACK_BYTES: u64 = 2 << 30;
-/// Copies of the blob on disk at the worst moment: the input, the sender's
-/// store, the receiver's store, the exported file, and sendme's receive
-/// store plus its export.
+/// Copies of the blob on disk at the worst moment: during a three-source
+/// fetch, the input, the three senders' stores and the receiver's store.
+/// The first rounds hold at most 4: the input, the sender's store, and
+/// either the receiver's store with the exported file (`fetch --out`) or
+/// sendme's receive store with its export (the receiver's copy is removed
+/// after every run; `sendme send` references the input, its store holds
+/// the outboard only, and is removed before the extra sources fill theirs).
 const DISK_COPIES_MAX: u64 = 5;
 /// How long a daemon may take to answer `status` with its daemon line.
 const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -117,6 +143,10 @@ pub struct P2pArgs {
     /// /opt/sendme/bin/sendme; none: null ratio).
     #[arg(long, env = "VIGO_SENDME")]
     sendme: Option<PathBuf>,
+    /// Skip the multi-source phase (three capped sources):
+    /// `multi_source_speedup` is then null.
+    #[arg(long)]
+    no_multi_source: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -127,6 +157,8 @@ enum Kind {
     Fetch,
     FetchOut,
     Sendme,
+    /// `envoy fetch` from three sources, each capped (multi-source phase).
+    MultiSource,
 }
 
 impl Kind {
@@ -136,11 +168,12 @@ impl Kind {
             Kind::Fetch => "envoy fetch (sealed)",
             Kind::FetchOut => "envoy fetch --out (+fsync)",
             Kind::Sendme => "sendme receive (+sync)",
+            Kind::MultiSource => "envoy fetch, 3 capped sources",
         }
     }
 
     fn is_ours(self) -> bool {
-        matches!(self, Kind::Fetch | Kind::FetchOut)
+        matches!(self, Kind::Fetch | Kind::FetchOut | Kind::MultiSource)
     }
 }
 
@@ -156,6 +189,18 @@ struct Contender {
     daemon_seconds: Vec<f64>,
     /// Set when a baseline failed: its runs are dropped, its ratio is null.
     failed: Option<String>,
+}
+
+impl Contender {
+    fn new(kind: Kind) -> Contender {
+        Contender {
+            kind,
+            seconds: Vec::new(),
+            peak_rss_anon_bytes: None,
+            daemon_seconds: Vec::new(),
+            failed: None,
+        }
+    }
 }
 
 /// One run's measurements.
@@ -182,6 +227,19 @@ struct FetchOutput {
     bytes_resumed: Option<u64>,
     #[serde(default)]
     seconds: Option<f64>,
+    /// What each source delivered (printed after warm-up runs only).
+    #[serde(default)]
+    peers: Vec<FetchPeer>,
+}
+
+/// One source of `envoy --json fetch`'s `peers`.
+#[derive(Debug, Deserialize)]
+struct FetchPeer {
+    addr: String,
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// What `envoy --json store add` prints.
@@ -208,6 +266,8 @@ struct P2p {
     sendme_sender: Option<SendmeSender>,
     receiver: EnvoyDaemon,
     sender: EnvoyDaemon,
+    /// The sources the multi-source phase adds (`source-2`, `source-3`).
+    extra_sources: Vec<EnvoyDaemon>,
     envoy: PathBuf,
     iperf3: Option<PathBuf>,
     sendme: Option<PathBuf>,
@@ -292,6 +352,7 @@ pub fn run(args: P2pArgs) -> Result<()> {
         sendme_sender: None,
         receiver,
         sender,
+        extra_sources: Vec::new(),
         envoy,
         iperf3,
         sendme,
@@ -326,25 +387,67 @@ pub fn run(args: P2pArgs) -> Result<()> {
              p2p_vs_sendme is null"
         )),
     }
-    let mut contenders: Vec<Contender> = kinds
-        .into_iter()
-        .map(|kind| Contender {
-            kind,
-            seconds: Vec::new(),
-            peak_rss_anon_bytes: None,
-            daemon_seconds: Vec::new(),
-            failed: None,
-        })
-        .collect();
+    let mut contenders: Vec<Contender> = kinds.into_iter().map(Contender::new).collect();
+    run_rounds(&mut p2p, &mut contenders, args.common.runs)?;
 
+    let mut cap_used = None;
+    if args.no_multi_source {
+        report.notes.push(
+            "--no-multi-source: the multi-source phase did not run, multi_source_speedup was \
+             not measured (null)"
+                .to_owned(),
+        );
+    } else {
+        let fetch = contenders
+            .iter()
+            .find(|c| c.kind == Kind::Fetch && c.failed.is_none())
+            .and_then(|c| Stats::of(&c.seconds));
+        match fetch.and_then(|s| multi_source_cap(p2p.input.size, s.median)) {
+            Some(cap) => {
+                eprintln!(
+                    "multi-source phase: three sources, each capped at {cap} bytes/s \
+                     (a third of the uncapped fetch's rate)"
+                );
+                p2p.start_capped_sources(cap)
+                    .context("setting up the multi-source phase")?;
+                let mut multi = vec![Contender::new(Kind::MultiSource)];
+                run_rounds(&mut p2p, &mut multi, args.common.runs)?;
+                contenders.extend(multi);
+                cap_used = Some(cap);
+            }
+            None => report.notes.push(format!(
+                "{} has no counted run, so there is no uncapped rate to cap the sources at: \
+                 the multi-source phase did not run, multi_source_speedup is null",
+                Kind::Fetch.name()
+            )),
+        }
+    }
+    report.param("multi_source_cap_bytes_per_s", cap_used);
+
+    let load_end = harness::load_average();
+    report.param("load_average_end", &load_end);
+    summarize(&mut report, &p2p, &contenders, cap_used);
+    report.notes.push(format!(
+        "load average (1, 5, 15 min) at start {}, at end {}",
+        load_start.as_deref().unwrap_or("unknown"),
+        load_end.as_deref().unwrap_or("unknown")
+    ));
+    drop(p2p);
+    report.emit(args.common.json)
+}
+
+/// One warm-up round, then `runs` counted rounds, alternating the
+/// contenders within each round. A failing baseline is marked failed and
+/// skipped from then on; a failure of ours ends the bench.
+fn run_rounds(p2p: &mut P2p, contenders: &mut [Contender], runs: u32) -> Result<()> {
     // Round 0 is the warm-up; its times are not counted.
-    for round in 0..=args.common.runs {
+    for round in 0..=runs {
         let label = if round == 0 {
             "warm-up".to_owned()
         } else {
-            format!("run {round}/{}", args.common.runs)
+            format!("run {round}/{runs}")
         };
-        for contender in &mut contenders {
+        for contender in contenders.iter_mut() {
             if contender.failed.is_some() {
                 continue;
             }
@@ -383,17 +486,19 @@ pub fn run(args: P2pArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
 
-    let load_end = harness::load_average();
-    report.param("load_average_end", &load_end);
-    summarize(&mut report, &p2p, &contenders);
-    report.notes.push(format!(
-        "load average (1, 5, 15 min) at start {}, at end {}",
-        load_start.as_deref().unwrap_or("unknown"),
-        load_end.as_deref().unwrap_or("unknown")
-    ));
-    drop(p2p);
-    report.emit(args.common.json)
+/// The upload cap of each of the [`MULTI_SOURCES`] sources: a third of the
+/// uncapped rate (`size` bytes in `seconds`), in whole bytes per second
+/// (rounded down, at least 1); `None` without a positive, finite time.
+fn multi_source_cap(size: u64, seconds: f64) -> Option<u64> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return None;
+    }
+    // `as` saturates: a huge rate stays a huge cap.
+    let cap = (size as f64 / seconds / MULTI_SOURCES as f64).floor() as u64;
+    Some(cap.max(1))
 }
 
 /// An explicit path (must be executable), else `name` on PATH, else
@@ -424,33 +529,75 @@ fn start_envoys(
     work: &Path,
     input: &InputFile,
 ) -> Result<(EnvoyDaemon, EnvoyDaemon, String)> {
-    let sender_dir = work.join("sender");
-    let receiver_dir = work.join("receiver");
-    for dir in [&sender_dir, &receiver_dir] {
-        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let sender_config = sender_dir.join("envoy.yaml");
-    let receiver_config = receiver_dir.join("envoy.yaml");
-    std::fs::write(&sender_config, render_config(&sender_dir, &[]))?;
-    std::fs::write(&receiver_config, render_config(&receiver_dir, &[]))?;
-    let sender_key = host_key(envoy, &sender_config)?;
-    let receiver_key = host_key(envoy, &receiver_config)?;
-    std::fs::write(
-        &sender_config,
-        render_config(&sender_dir, std::slice::from_ref(&receiver_key)),
-    )?;
-    std::fs::write(
-        &receiver_config,
-        render_config(&receiver_dir, std::slice::from_ref(&sender_key)),
-    )?;
+    let sender = StateDir::create(envoy, &work.join("sender"))?;
+    let receiver = StateDir::create(envoy, &work.join("receiver"))?;
+    sender.write_config(std::slice::from_ref(&receiver.key), None)?;
+    receiver.write_config(std::slice::from_ref(&sender.key), None)?;
+    let blob_id = add_to_store(envoy, &sender.dir.join("store"), input)?;
 
-    let sender_store = sender_dir.join("store");
+    let sender_daemon = EnvoyDaemon::start(envoy, "sender", &sender.config, &sender.dir)?;
+    let receiver_daemon = EnvoyDaemon::start(envoy, "receiver", &receiver.config, &receiver.dir)?;
+    ensure!(
+        sender_daemon.status.host_key == sender.key
+            && receiver_daemon.status.host_key == receiver.key,
+        "the daemons report host keys {} and {}, but `envoy id` printed {} and {}",
+        sender_daemon.status.host_key,
+        receiver_daemon.status.host_key,
+        sender.key,
+        receiver.key
+    );
+    Ok((sender_daemon, receiver_daemon, blob_id))
+}
+
+/// A daemon's state directory, its config file, and its host key.
+#[derive(Debug)]
+struct StateDir {
+    dir: PathBuf,
+    config: PathBuf,
+    key: String,
+}
+
+impl StateDir {
+    /// Creates `dir` (it must not exist), a config admitting nobody, and
+    /// the host key (`envoy id`).
+    fn create(envoy: &Path, dir: &Path) -> Result<StateDir> {
+        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut state = StateDir {
+            dir: dir.to_owned(),
+            config: dir.join("envoy.yaml"),
+            key: String::new(),
+        };
+        state.write_config(&[], None)?;
+        state.key = host_key(envoy, &state.config)?;
+        Ok(state)
+    }
+
+    /// (Re)writes the config: the keys it admits and its upload cap.
+    fn write_config(&self, allow: &[String], upload_bytes_per_s: Option<u64>) -> Result<()> {
+        write_config(&self.config, &self.dir, allow, upload_bytes_per_s)
+    }
+}
+
+fn write_config(
+    config: &Path,
+    state_dir: &Path,
+    allow: &[String],
+    upload_bytes_per_s: Option<u64>,
+) -> Result<()> {
+    std::fs::write(config, render_config(state_dir, allow, upload_bytes_per_s))
+        .with_context(|| format!("cannot write {}", config.display()))
+}
+
+/// `envoy --store <store> --json store add <input>`, straight into a store
+/// no daemon owns yet; checks what it reports against the input and
+/// returns the blob id.
+fn add_to_store(envoy: &Path, store: &Path, input: &InputFile) -> Result<String> {
     let out = harness::run_timed(
         Command::new(envoy)
             // Straight into the store, never through a daemon named by the environment.
             .env_remove("VIGO_CONFIG")
             .arg("--store")
-            .arg(&sender_store)
+            .arg(store)
             .args(["--json", "store", "add"])
             .arg(&input.path),
         false,
@@ -470,29 +617,25 @@ fn start_envoys(
         input.size,
         input.content_blake3
     );
-
-    let sender = EnvoyDaemon::start(envoy, "sender", &sender_config, &sender_dir)?;
-    let receiver = EnvoyDaemon::start(envoy, "receiver", &receiver_config, &receiver_dir)?;
-    ensure!(
-        sender.status.host_key == sender_key && receiver.status.host_key == receiver_key,
-        "the daemons report host keys {} and {}, but `envoy id` printed {sender_key} and {receiver_key}",
-        sender.status.host_key,
-        receiver.status.host_key
-    );
-    Ok((sender, receiver, add.id))
+    Ok(add.id)
 }
 
 /// An envoy config: its own state directory, an ephemeral loopback port,
-/// and the host keys it admits. Strings are written as JSON strings, which
-/// YAML reads as the same strings whatever they contain.
-fn render_config(state_dir: &Path, allow: &[String]) -> String {
+/// the host keys it admits, and optionally a cap on what it uploads to all
+/// peers together (`rate.upload_bytes_per_s`). Strings are written as JSON
+/// strings, which YAML reads as the same strings whatever they contain.
+fn render_config(state_dir: &Path, allow: &[String], upload_bytes_per_s: Option<u64>) -> String {
     let quote = |s: &str| serde_json::to_string(s).expect("a string always encodes");
     let allow: Vec<String> = allow.iter().map(|k| quote(k)).collect();
-    format!(
+    let mut text = format!(
         "state_dir: {}\nlisten: \"127.0.0.1:0\"\npeers:\n  allow: [{}]\n",
         quote(&state_dir.to_string_lossy()),
         allow.join(", ")
-    )
+    );
+    if let Some(rate) = upload_bytes_per_s {
+        text.push_str(&format!("rate:\n  upload_bytes_per_s: {rate}\n"));
+    }
+    text
 }
 
 /// `envoy --config F id`: the host key, created on first use.
@@ -573,8 +716,12 @@ struct EnvoyDaemon {
 impl EnvoyDaemon {
     fn start(envoy: &Path, role: &'static str, config: &Path, state_dir: &Path) -> Result<Self> {
         let log = state_dir.with_extension("log");
-        let log_file =
-            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        // Appended to: a restarted daemon keeps its earlier log.
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
         let child = Command::new(envoy)
             .arg("--config")
             .arg(config)
@@ -696,6 +843,25 @@ impl EnvoyDaemon {
             .find(|&i| text.is_char_boundary(i))
             .unwrap_or(text.len());
         format!("; end of the {} log:\n{}", self.role, &text[start..])
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL) and restarts it from its
+    /// config file, which may have changed; its host key must not.
+    fn restart(&mut self, envoy: &Path) -> Result<()> {
+        // The store lock is exclusive: the old process goes first.
+        stop_child(&mut self.child, Signal::SIGTERM, self.role);
+        let fresh = EnvoyDaemon::start(envoy, self.role, &self.config, &self.state_dir)
+            .with_context(|| format!("restarting the {} envoy", self.role))?;
+        ensure!(
+            fresh.status.host_key == self.status.host_key,
+            "the restarted {} envoy reports host key {}, it had {}",
+            self.role,
+            fresh.status.host_key,
+            self.status.host_key
+        );
+        // The old value's Drop finds its process already reaped.
+        *self = fresh;
+        Ok(())
     }
 
     /// Fails with the log when the daemon has exited.
@@ -906,29 +1072,121 @@ impl P2p {
         // Anything a previous contender left dirty is flushed untimed, so a
         // contender's own sync pays only for its own writes.
         sync()?;
+        let first_sender = [self.sender.status.listen.clone()];
         match kind {
             Kind::Iperf3 => self.iperf3_once(),
-            Kind::Fetch => self.fetch_once(None, warm_up),
+            Kind::Fetch => self.fetch_once(&first_sender, None, warm_up),
             Kind::FetchOut => {
                 let out = self.work.path().join("fetched.bin");
-                self.fetch_once(Some(&out), warm_up)
+                self.fetch_once(&first_sender, Some(&out), warm_up)
             }
             Kind::Sendme => self.sendme_once(warm_up),
+            Kind::MultiSource => {
+                ensure!(
+                    !self.extra_sources.is_empty(),
+                    "the multi-source phase has no extra sources running"
+                );
+                let all: Vec<String> = self.sources().map(|s| s.status.listen.clone()).collect();
+                self.fetch_once(&all, None, warm_up)
+            }
         }
     }
 
-    fn fetch_once(&mut self, out_path: Option<&Path>, warm_up: bool) -> Result<Sample> {
-        self.sender.check_alive()?;
+    /// Every sending daemon: the first sender, then the extra sources.
+    fn sources(&self) -> impl Iterator<Item = &EnvoyDaemon> {
+        std::iter::once(&self.sender).chain(&self.extra_sources)
+    }
+
+    fn sources_mut(&mut self) -> impl Iterator<Item = &mut EnvoyDaemon> {
+        std::iter::once(&mut self.sender).chain(self.extra_sources.iter_mut())
+    }
+
+    /// Sets up the multi-source phase: frees sendme's store, adds two
+    /// sources holding the blob (set up as the first sender was), restarts
+    /// the first sender, and starts the others, each capped at `cap` bytes
+    /// per second of upload; restarts the receiver admitting all three.
+    fn start_capped_sources(&mut self, cap: u64) -> Result<()> {
+        // Its Drop stops it and sendme removes its store, before the extra
+        // sources' stores fill (DISK_COPIES_MAX).
+        self.sendme_sender = None;
+        let receiver_key = self.receiver.status.host_key.clone();
+        let mut extra = Vec::new();
+        for (name, _) in EXTRA_SOURCES {
+            let state = StateDir::create(&self.envoy, &self.work.path().join(name))?;
+            state.write_config(std::slice::from_ref(&receiver_key), Some(cap))?;
+            let id = add_to_store(&self.envoy, &state.dir.join("store"), &self.input)
+                .with_context(|| format!("adding the input to {name}'s store"))?;
+            ensure!(
+                id == self.blob_id,
+                "CORRECTNESS BUG: {name}'s store gives the input blob id {id}, the sender's gave {}",
+                self.blob_id
+            );
+            extra.push(state);
+        }
+
+        write_config(
+            &self.sender.config,
+            &self.sender.state_dir,
+            std::slice::from_ref(&receiver_key),
+            Some(cap),
+        )?;
+        self.sender.restart(&self.envoy)?;
+        for (state, (_, role)) in extra.iter().zip(EXTRA_SOURCES) {
+            let daemon = EnvoyDaemon::start(&self.envoy, role, &state.config, &state.dir)?;
+            ensure!(
+                daemon.status.host_key == state.key,
+                "the {role} envoy reports host key {}, but `envoy id` printed {}",
+                daemon.status.host_key,
+                state.key
+            );
+            self.extra_sources.push(daemon);
+        }
+
+        let keys: Vec<String> = self.sources().map(|s| s.status.host_key.clone()).collect();
+        write_config(&self.receiver.config, &self.receiver.state_dir, &keys, None)?;
+        self.receiver.restart(&self.envoy)?;
+        let sources: Vec<String> = self
+            .sources()
+            .map(|s| format!("{} on {}", s.role, s.status.listen))
+            .collect();
+        eprintln!(
+            "capped sources: {}; receiver on {}",
+            sources.join(", "),
+            self.receiver.status.listen
+        );
+        Ok(())
+    }
+
+    /// One `envoy fetch` of the blob from the sending daemons listening on
+    /// `from`, into the receiver's store (and to `out_path`), checked, then
+    /// removed from the receiver again.
+    fn fetch_once(
+        &mut self,
+        from: &[String],
+        out_path: Option<&Path>,
+        warm_up: bool,
+    ) -> Result<Sample> {
         self.receiver.check_alive()?;
-        // The sender serves from a warm page cache (untimed).
-        harness::warm_dir(&self.sender.store_dir().join("blobs"))?;
+        let mut named = 0;
+        for source in self.sources_mut() {
+            if from.contains(&source.status.listen) {
+                source.check_alive()?;
+                // Sources serve from a warm page cache (untimed).
+                harness::warm_dir(&source.store_dir().join("blobs"))?;
+                named += 1;
+            }
+        }
+        ensure!(
+            named == from.len(),
+            "fetch from {from:?}: only {named} of them are sending envoys of this bench"
+        );
         if let Some(path) = out_path {
             harness::remove_path(path)?;
         }
         let mut command = self.receiver.command(&self.envoy);
         command
             .args(["--json", "fetch", &self.blob_id, "--from"])
-            .arg(&self.sender.status.listen);
+            .arg(from.join(","));
         if let Some(path) = out_path {
             command.arg("--out").arg(path);
         }
@@ -937,7 +1195,12 @@ impl P2p {
             harness::run_timed(&mut command, false, harness::run_deadline(self.input.size));
         let peak = sampler.finish()?;
         let outcome = outcome.map_err(|e| {
-            let tails = format!("{}{}", self.receiver.log_tail(), self.sender.log_tail());
+            let mut tails = self.receiver.log_tail();
+            for source in self.sources() {
+                if from.contains(&source.status.listen) {
+                    tails.push_str(&source.log_tail());
+                }
+            }
             e.context(tails)
         })?;
         let fetched = parse_fetch_output(&outcome.stdout)?;
@@ -993,6 +1256,19 @@ impl P2p {
                 fetched.bytes_fetched,
                 harness::fmt_opt(fetched.seconds, 3)
             );
+            if from.len() > 1 {
+                for peer in &fetched.peers {
+                    eprintln!(
+                        "{:>9}  from {}: {} bytes{}",
+                        "",
+                        peer.addr,
+                        peer.bytes,
+                        peer.error
+                            .as_deref()
+                            .map_or_else(String::new, |e| format!(" (error: {e})"))
+                    );
+                }
+            }
         }
         // Untimed: the next run must fetch every byte again.
         harness::run_timed(
@@ -1160,7 +1436,14 @@ fn sync() -> Result<()> {
     Ok(())
 }
 
-fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
+/// `multi_source_cap`: each source's upload cap in the multi-source phase,
+/// `None` when it did not run.
+fn summarize(
+    report: &mut Report,
+    p2p: &P2p,
+    contenders: &[Contender],
+    multi_source_cap: Option<u64>,
+) {
     let size = p2p.input.size;
     let find = |kind| contenders.iter().find(|c| c.kind == kind);
     let median = |kind| {
@@ -1178,7 +1461,13 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
         )
     };
 
-    for kind in [Kind::Fetch, Kind::FetchOut, Kind::Iperf3, Kind::Sendme] {
+    for kind in [
+        Kind::Fetch,
+        Kind::FetchOut,
+        Kind::Iperf3,
+        Kind::Sendme,
+        Kind::MultiSource,
+    ] {
         let Some(c) = find(kind) else {
             report.results.push(ResultRow::new(kind.name(), &[]));
             continue;
@@ -1195,6 +1484,14 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
                 row.extra
                     .insert("daemon_seconds_median".to_owned(), s.median.into());
             }
+        }
+        if kind == Kind::MultiSource {
+            row.extra
+                .insert("sources".to_owned(), (p2p.sources().count() as u64).into());
+            row.extra.insert(
+                "upload_cap_bytes_per_s_each".to_owned(),
+                multi_source_cap.into(),
+            );
         }
         if let Some(reason) = &c.failed {
             row.extra.insert("failed".to_owned(), reason.clone().into());
@@ -1220,7 +1517,8 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
     let gb_per_s = fetch.filter(|s| *s > 0.0).map(|s| size as f64 / s / GB);
     let vs_iperf3 = ratio(median(Kind::Iperf3), fetch);
     let vs_sendme = ratio(median(Kind::Sendme), fetch_out);
-    let rss = [Kind::Fetch, Kind::FetchOut]
+    let multi_source_speedup = ratio(fetch, median(Kind::MultiSource));
+    let rss = [Kind::Fetch, Kind::FetchOut, Kind::MultiSource]
         .into_iter()
         .filter_map(|k| find(k).and_then(|c| c.peak_rss_anon_bytes))
         .max()
@@ -1236,6 +1534,7 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
     ratios.insert("p2p_vs_iperf3".to_owned(), vs_iperf3);
     ratios.insert("p2p_vs_sendme".to_owned(), vs_sendme);
     ratios.insert("receiver_anon_rss_mib".to_owned(), rss);
+    ratios.insert("multi_source_speedup".to_owned(), multi_source_speedup);
     report.ratios.extend(ratios);
     report.goals.insert(
         "p2p_gb_per_s".to_owned(),
@@ -1248,6 +1547,10 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
     report.goals.insert(
         "receiver_anon_rss_mib".to_owned(),
         Goal::at_most(RECEIVER_ANON_RSS_MIB_MAX, rss),
+    );
+    report.goals.insert(
+        "multi_source_speedup".to_owned(),
+        Goal::at_least(MULTI_SOURCE_SPEEDUP_MIN, multi_source_speedup),
     );
 
     report.notes.push(
@@ -1265,9 +1568,21 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
     );
     report.notes.push(
         "receiver_anon_rss_mib is the peak RssAnon of the receiving `envoy run` process, sampled \
-         every 20 ms during every fetch (warm-up included), not of the fetch CLI"
+         every 20 ms during every fetch (warm-up included, the three-source fetches too), not of \
+         the fetch CLI"
             .to_owned(),
     );
+    if let Some(cap) = multi_source_cap {
+        report.notes.push(format!(
+            "multi_source_speedup = the median time of the uncapped `envoy fetch` (one source) / \
+             the median time of `envoy fetch --from A,B,C` (sealed, no --out) from three sources \
+             each holding the blob in its own store, run after the other contenders (`sendme \
+             send` stopped first) with one warm-up run; each source is capped by its own \
+             daemon-wide upload token bucket (rate.upload_bytes_per_s) at {cap} bytes/s, one \
+             third of this run's uncapped fetch rate (size / median time, rounded down), so the \
+             three together could deliver what one uncapped source did: 1.0 is parity"
+        ));
+    }
     report.notes.push(
         "sendme runs with --relay disabled --magic-ipv4-addr 127.0.0.1:0 (loopback, no relay or \
          discovery servers) from one `sendme send` started before the rounds, as the sending \
@@ -1275,9 +1590,7 @@ fn summarize(report: &mut Report, p2p: &P2p, contenders: &[Contender]) {
             .to_owned(),
     );
     report.notes.push(
-        "io_backend is null for baselines (iperf3, sendme): they run no Vigo IO backend; \
-         multi_source_speedup (issue 3) is not measured by this bench"
-            .to_owned(),
+        "io_backend is null for baselines (iperf3, sendme): they run no Vigo IO backend".to_owned(),
     );
 }
 
@@ -1385,6 +1698,11 @@ mod tests {
         assert!(!out.already_complete);
         assert_eq!(out.chunks, Some(32768));
         assert_eq!(out.seconds, Some(0.41));
+        assert_eq!(out.peers.len(), 1);
+        assert_eq!(
+            (out.peers[0].addr.as_str(), out.peers[0].bytes),
+            ("127.0.0.1:1", 0)
+        );
         assert!(parse_fetch_output("").is_err());
         assert!(parse_fetch_output(r#"{"id":"x"}"#).is_err());
     }
@@ -1402,12 +1720,41 @@ mod tests {
 
     #[test]
     fn config_admits_the_peer_and_listens_on_loopback() {
-        let text = render_config(Path::new("/var/tmp/a \"b\""), &["ed25519:ab".to_owned()]);
+        let text = render_config(
+            Path::new("/var/tmp/a \"b\""),
+            &["ed25519:ab".to_owned()],
+            None,
+        );
         assert_eq!(
             text,
             "state_dir: \"/var/tmp/a \\\"b\\\"\"\nlisten: \"127.0.0.1:0\"\npeers:\n  allow: [\"ed25519:ab\"]\n"
         );
-        assert!(render_config(Path::new("/x"), &[]).contains("allow: []"));
+        assert!(render_config(Path::new("/x"), &[], None).contains("allow: []"));
+    }
+
+    #[test]
+    fn config_with_an_upload_cap() {
+        let keys = ["ed25519:ab".to_owned(), "ed25519:cd".to_owned()];
+        let text = render_config(Path::new("/x"), &keys, Some(447_392_426));
+        assert_eq!(
+            text,
+            "state_dir: \"/x\"\nlisten: \"127.0.0.1:0\"\npeers:\n  allow: [\"ed25519:ab\", \
+             \"ed25519:cd\"]\nrate:\n  upload_bytes_per_s: 447392426\n"
+        );
+    }
+
+    #[test]
+    fn multi_source_cap_is_a_third_of_the_rate_rounded_down() {
+        // 256 MiB in 0.2 s: 1342177280 B/s, a third is 447392426.67.
+        assert_eq!(multi_source_cap(256 << 20, 0.2), Some(447_392_426));
+        assert_eq!(multi_source_cap(300, 1.0), Some(100));
+        assert_eq!(multi_source_cap(299, 1.0), Some(99));
+        // Never 0 (a rate the daemon refuses).
+        assert_eq!(multi_source_cap(2, 1.0), Some(1));
+        assert_eq!(multi_source_cap(0, 1.0), Some(1));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(multi_source_cap(1 << 20, bad), None, "{bad}");
+        }
     }
 
     #[test]
