@@ -1445,6 +1445,8 @@ pub struct PartialWriter {
     file: File,
     pages: Mutex<Vec<(u32, std::sync::Arc<Vec<ChunkEntry>>)>>,
     rows: Mutex<RowsState>,
+    /// False once sealing began: no more writes.
+    open: std::sync::RwLock<bool>,
 }
 
 impl fmt::Debug for PartialWriter {
@@ -1543,6 +1545,7 @@ impl Store {
             file,
             pages: Mutex::new(Vec::new()),
             rows: Mutex::new(rows),
+            open: std::sync::RwLock::new(true),
         })
     }
 }
@@ -1591,7 +1594,15 @@ impl PartialWriter {
     /// chunk, whether it matched (and was written); a chunk that does not
     /// match, or lies beyond the blob, is not written. Not durable until
     /// [`PartialWriter::commit`]. See [`verify_and_write`] for why a batch.
+    ///
+    /// After [`PartialWriter::seal`] (a late endgame duplicate), nothing is
+    /// written and the answer is [`StoreError::NotPartial`]: a sealed file
+    /// is never written again.
     pub fn write_batch(&self, chunks: &[(u64, &[u8])]) -> Result<Vec<bool>, StoreError> {
+        let open = self.open.read().expect("open flag poisoned");
+        if !*open {
+            return Err(StoreError::NotPartial(self.id));
+        }
         let entries = chunks
             .iter()
             .map(|&(index, _)| self.entry(index))
@@ -1639,8 +1650,14 @@ impl PartialWriter {
     /// committed, writing only the chunk rows [`PartialWriter::commit`] has
     /// not.
     pub fn seal(&self) -> Result<(), StoreError> {
+        // Waits for writes in progress and holds off new ones; once sealed,
+        // they are refused. A seal that fails (chunks missing) leaves the
+        // blob partial and writable.
+        let mut open = self.open.write().expect("open flag poisoned");
         let done = self.rows.lock().expect("rows poisoned").done.clone();
-        self.store.seal_partial_with_rows(&self.id, &done)
+        self.store.seal_partial_with_rows(&self.id, &done)?;
+        *open = false;
+        Ok(())
     }
 }
 

@@ -332,6 +332,13 @@ fn partial_writer_batches_commits_and_seals() {
         assert_eq!(fixed, vec![true]);
         writer.commit(&[corrupt_index]).unwrap();
         writer.seal().unwrap();
+        assert!(
+            matches!(
+                writer.write_batch(&[(0, bytes_of(0))]),
+                Err(StoreError::NotPartial(_))
+            ),
+            "{label}: a sealed file is never written again"
+        );
         drop(writer);
         assert_eq!(read_all(&store, &id).unwrap(), data, "{label}");
 
