@@ -6,7 +6,7 @@
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use agent::identity::{HostKey, PeerKey};
@@ -580,13 +580,22 @@ async fn silent_client_times_out() {
     );
 }
 
-/// A `tracing` writer that keeps what is logged.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    /// What `tracing` logged on this thread while capturing.
+    static CAPTURED: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+}
 
-impl std::io::Write for Captured {
+/// A `tracing` writer that appends to the calling thread's capture buffer,
+/// if it has one.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CAPTURED.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -594,17 +603,34 @@ impl std::io::Write for Captured {
     }
 }
 
+/// Starts capturing this thread's `warn` lines. The subscriber is this test
+/// binary's global default (set once), not a scoped one: with a scoped
+/// subscriber, a callsite first hit by another test's thread could keep the
+/// interest computed without it, and the event was silently dropped (seen
+/// under qemu-aarch64, where threads interleave differently).
+fn capture_warnings() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(|| ThreadCapture)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+}
+
+/// What this thread logged since [`capture_warnings`].
+fn captured_warnings() -> String {
+    let bytes = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    String::from_utf8(bytes).expect("tracing writes UTF-8")
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn refusal_logs_one_warning_with_address_and_reason() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    // current_thread runtime: every task is polled on this thread, under this default.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // current_thread runtime: every task is polled on this thread.
+    capture_warnings();
 
     let hosts = Hosts::new();
     let server = tls::server_config(&hosts.server, Arc::new(AllowList::default())).unwrap();
@@ -625,7 +651,7 @@ async fn refusal_logs_one_warning_with_address_and_reason() {
     assert!(tls::accept(&acceptor, tcp, TIMEOUT).await.is_err());
     let client_addr = client.await.unwrap();
 
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = captured_warnings();
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines.len(), 1, "{log}");
     assert!(lines[0].contains("WARN"), "{log}");
