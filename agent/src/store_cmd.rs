@@ -213,6 +213,7 @@ pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<()
                             "content_blake3": b.content_hash.to_hex(),
                             "owners": b.owners.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
                             "created_unix_s": b.created_unix_s,
+                            "present_chunks": b.present_chunks,
                         })
                     })
                     .collect();

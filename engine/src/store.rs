@@ -230,6 +230,8 @@ pub struct BlobInfo {
     pub content_hash: ContentHash,
     pub owners: Vec<Owner>,
     pub created_unix_s: u64,
+    /// Chunks held durably: all of them unless the blob is partial.
+    pub present_chunks: u64,
 }
 
 /// A problem `verify` found in one blob.
@@ -697,31 +699,31 @@ impl Store {
     }
 
     pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
-        let mut out = Vec::new();
-        for (id, r) in self.index.blobs()? {
-            out.push(BlobInfo {
-                id,
-                state: r.state,
-                size: r.root.total_bytes,
-                chunks: r.root.chunk_count,
-                content_hash: r.root.content_hash,
-                owners: self.index.owners(&id)?,
-                created_unix_s: r.created_unix_s,
-            });
-        }
-        Ok(out)
+        self.index
+            .blobs()?
+            .into_iter()
+            .map(|(id, r)| self.info_of(id, r))
+            .collect()
     }
 
     pub fn info(&self, id: &BlobId) -> Result<BlobInfo, StoreError> {
-        let r = self.record(id)?;
+        self.info_of(*id, self.record(id)?)
+    }
+
+    fn info_of(&self, id: BlobId, r: BlobRecord) -> Result<BlobInfo, StoreError> {
+        let present_chunks = match r.state {
+            BlobState::Partial => r.root.chunk_count - self.missing_chunks(&id)?.len() as u64,
+            _ => r.root.chunk_count,
+        };
         Ok(BlobInfo {
-            id: *id,
+            id,
             state: r.state,
             size: r.root.total_bytes,
             chunks: r.root.chunk_count,
             content_hash: r.root.content_hash,
-            owners: self.index.owners(id)?,
+            owners: self.index.owners(&id)?,
             created_unix_s: r.created_unix_s,
+            present_chunks,
         })
     }
 
