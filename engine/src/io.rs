@@ -152,7 +152,7 @@ impl SlabWriter {
                 w.write(file.as_raw_fd(), slab, len, offset)
             }
             #[cfg(not(target_os = "linux"))]
-            SlabWriter::Uring(_) => unreachable!("no uring writer exists off Linux"),
+            SlabWriter::Uring(w) => match **w {},
             SlabWriter::Portable(w) => w.write(file, slab, len, offset),
         }
     }
@@ -163,7 +163,7 @@ impl SlabWriter {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.in_flight(),
             #[cfg(not(target_os = "linux"))]
-            SlabWriter::Uring(_) => 0,
+            SlabWriter::Uring(w) => match **w {},
             SlabWriter::Portable(w) => w.in_flight,
         }
     }
@@ -174,7 +174,7 @@ impl SlabWriter {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.reap_one(),
             #[cfg(not(target_os = "linux"))]
-            SlabWriter::Uring(_) => Ok(()),
+            SlabWriter::Uring(w) => match **w {},
             SlabWriter::Portable(w) => w.reap_one(),
         }
     }
@@ -184,7 +184,7 @@ impl SlabWriter {
             #[cfg(target_os = "linux")]
             SlabWriter::Uring(w) => w.drain(),
             #[cfg(not(target_os = "linux"))]
-            SlabWriter::Uring(_) => Ok(()),
+            SlabWriter::Uring(w) => match **w {},
             SlabWriter::Portable(w) => w.drain(),
         }
     }
