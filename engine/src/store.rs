@@ -637,26 +637,32 @@ impl Store {
         Ok(false)
     }
 
-    /// Writes the chunk-location rows of a blob's `pages` manifest pages,
-    /// sorted, in unsynced batches of [`PAGES_PER_TX`] pages; `page(i, tx)`
-    /// yields page i's entries (and may add rows of its own to `tx`).
-    /// Returns the open transaction for the caller's final, durable commit.
+    /// Writes the chunk-location rows of the manifest pages `pages` of a
+    /// blob, each group of `per_tx` pages sorted and committed unsynced
+    /// (bounded memory: the rows and redb's dirty pages of one group);
+    /// `page(i)` yields page i's entries. Starts in `tx`, and returns the
+    /// open transaction (with the last group) for the caller's final,
+    /// durable commit.
     fn put_chunk_rows(
         &self,
         id: &BlobId,
-        pages: u32,
-        mut page: impl FnMut(u32, &crate::index::Tx) -> Result<Vec<ChunkEntry>, StoreError>,
+        mut tx: crate::index::Tx,
+        pages: impl IntoIterator<Item = u32>,
+        per_tx: usize,
+        mut page: impl FnMut(u32) -> Result<Vec<ChunkEntry>, StoreError>,
     ) -> Result<crate::index::Tx, StoreError> {
-        let mut tx = self.index.write()?;
         let mut batch = Vec::new();
-        for i in 0..pages {
-            batch.extend(page(i, &tx)?);
-            if (i + 1) % PAGES_PER_TX == 0 {
+        let mut in_batch = 0;
+        for i in pages {
+            if in_batch == per_tx {
                 tx.put_chunks(id, &mut batch)?;
                 batch.clear();
+                in_batch = 0;
                 tx.commit_unsynced()?;
                 tx = self.index.write()?;
             }
+            batch.extend(page(i)?);
+            in_batch += 1;
         }
         tx.put_chunks(id, &mut batch)?;
         Ok(tx)
@@ -712,7 +718,7 @@ impl Store {
 
     fn info_of(&self, id: BlobId, r: BlobRecord) -> Result<BlobInfo, StoreError> {
         let present_chunks = match r.state {
-            BlobState::Partial => r.root.chunk_count - self.missing_chunks(&id)?.len() as u64,
+            BlobState::Partial => self.present_chunks(&id, &r.root)?,
             _ => r.root.chunk_count,
         };
         Ok(BlobInfo {
@@ -1220,6 +1226,18 @@ impl Store {
         Ok(out)
     }
 
+    /// How many chunks of a partial blob are held (its presence bits set).
+    fn present_chunks(&self, id: &BlobId, root: &ManifestRoot) -> Result<u64, StoreError> {
+        let mut held = 0u64;
+        for (p, page) in root.pages.iter().enumerate() {
+            let bits = self.index.presence(id, p as u32)?.unwrap_or_default();
+            held += (0..page.chunk_count as usize)
+                .filter(|&i| bit(&bits, i))
+                .count() as u64;
+        }
+        Ok(held)
+    }
+
     /// Writes verified chunks of a partial blob: each must hash to its
     /// manifest entry (else [`StoreError::BadChunk`] and nothing of it is
     /// recorded). Durable on return: bytes are fsync'd before their presence
@@ -1407,12 +1425,12 @@ impl Store {
         // Chunk locations in bounded unsynced batches; rows left by a crash
         // before the final commit point at a partial blob, which lookups
         // skip, and are rewritten by the next seal.
-        let tx = self.put_chunk_rows(id, r.root.pages.len() as u32, |i, _| {
-            if rows_done.get(i as usize) == Some(&true) {
-                return Ok(Vec::new());
-            }
-            self.index.page(id, &r.root, i)
-        })?;
+        let pages = r.root.pages.len() as u32;
+        let todo = (0..pages).filter(|&i| rows_done.get(i as usize) != Some(&true));
+        let tx =
+            self.put_chunk_rows(id, self.index.write()?, todo, PAGES_PER_TX as usize, |i| {
+                self.index.page(id, &r.root, i)
+            })?;
         tx.clear_presence(id, r.root.pages.len() as u32)?;
         tx.put_blob(
             id,
@@ -1423,6 +1441,60 @@ impl Store {
             },
         )?;
         tx.commit()
+    }
+}
+
+/// Decoded manifest pages of one blob, the `capacity` most recently
+/// loaded: chunk lookups while receiving or serving hit the same few pages.
+pub struct PageCache {
+    capacity: usize,
+    pages: Mutex<Vec<(u32, std::sync::Arc<Vec<ChunkEntry>>)>>,
+}
+
+impl PageCache {
+    pub fn new(capacity: usize) -> Self {
+        PageCache {
+            capacity: capacity.max(1),
+            pages: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Manifest entry of chunk `index` of blob `id` (with manifest `root`)
+    /// in `store`; `None` beyond the blob.
+    pub fn entry(
+        &self,
+        store: &Store,
+        id: &BlobId,
+        root: &ManifestRoot,
+        index: u64,
+    ) -> Result<Option<ChunkEntry>, StoreError> {
+        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
+        let Ok(page) = u32::try_from(index / per_page) else {
+            return Ok(None);
+        };
+        if page as usize >= root.pages.len() {
+            return Ok(None);
+        }
+        let cached = {
+            let pages = self.pages.lock().expect("page cache poisoned");
+            pages
+                .iter()
+                .find(|(p, _)| *p == page)
+                .map(|(_, e)| std::sync::Arc::clone(e))
+        };
+        let entries = match cached {
+            Some(e) => e,
+            None => {
+                let e = std::sync::Arc::new(store.page(id, root, page)?);
+                let mut pages = self.pages.lock().expect("page cache poisoned");
+                if pages.len() >= self.capacity {
+                    pages.remove(0);
+                }
+                pages.push((page, std::sync::Arc::clone(&e)));
+                e
+            }
+        };
+        Ok(entries.get((index % per_page) as usize).copied())
     }
 }
 
@@ -1445,7 +1517,7 @@ pub struct PartialWriter {
     root: ManifestRoot,
     path: PathBuf,
     file: File,
-    pages: Mutex<Vec<(u32, std::sync::Arc<Vec<ChunkEntry>>)>>,
+    pages: PageCache,
     rows: Mutex<RowsState>,
     /// False once sealing began: no more writes.
     open: std::sync::RwLock<bool>,
@@ -1545,7 +1617,7 @@ impl Store {
             root: r.root,
             path,
             file,
-            pages: Mutex::new(Vec::new()),
+            pages: PageCache::new(WRITER_PAGES_CACHED),
             rows: Mutex::new(rows),
             open: std::sync::RwLock::new(true),
         })
@@ -1563,32 +1635,7 @@ impl PartialWriter {
 
     /// Manifest entry of chunk `index`; `None` beyond the blob.
     pub fn entry(&self, index: u64) -> Result<Option<ChunkEntry>, StoreError> {
-        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
-        let page = index / per_page;
-        if page >= self.root.pages.len() as u64 {
-            return Ok(None);
-        }
-        let page = page as u32;
-        let entries = {
-            let cached = self.pages.lock().expect("page cache poisoned");
-            cached
-                .iter()
-                .find(|(p, _)| *p == page)
-                .map(|(_, e)| std::sync::Arc::clone(e))
-        };
-        let entries = match entries {
-            Some(e) => e,
-            None => {
-                let e = std::sync::Arc::new(self.store.page(&self.id, &self.root, page)?);
-                let mut cached = self.pages.lock().expect("page cache poisoned");
-                if cached.len() >= WRITER_PAGES_CACHED {
-                    cached.remove(0);
-                }
-                cached.push((page, std::sync::Arc::clone(&e)));
-                e
-            }
-        };
-        Ok(entries.get((index % per_page) as usize).copied())
+        self.pages.entry(&self.store, &self.id, &self.root, index)
     }
 
     /// Checks received chunks against their manifest entries (length and
@@ -1632,20 +1679,25 @@ impl PartialWriter {
         let completed = self.store.mark_present_in(&tx, &self.id, indices)?;
         let mut rows = self.rows.lock().expect("rows poisoned");
         rows.completed.extend(completed);
-        if rows.completed.len() >= ROWS_PAGES_MIN {
-            let pages = std::mem::take(&mut rows.completed);
-            let mut entries = Vec::new();
-            for &page in &pages {
-                entries.extend(self.store.index.page(&self.id, &self.root, page)?);
-            }
-            tx.put_chunks(&self.id, &mut entries)?;
-            tx.commit()?;
-            for page in pages {
-                rows.done[page as usize] = true;
-            }
-            return Ok(());
+        if rows.completed.len() < ROWS_PAGES_MIN {
+            return tx.commit();
         }
-        tx.commit()
+        // Pieces are fetched in a random order, so pages complete together
+        // near the end of a fetch (up to all of them in its last commit):
+        // their rows go ROWS_PAGES_MIN pages per transaction.
+        let pages = std::mem::take(&mut rows.completed);
+        let tx = self.store.put_chunk_rows(
+            &self.id,
+            tx,
+            pages.iter().copied(),
+            ROWS_PAGES_MIN,
+            |page| self.store.index.page(&self.id, &self.root, page),
+        )?;
+        tx.commit()?;
+        for page in pages {
+            rows.done[page as usize] = true;
+        }
+        Ok(())
     }
 
     /// Seals the blob (see [`Store::seal_partial`]) once every chunk is

@@ -265,10 +265,12 @@ fn partial_writer_batches_commits_and_seals() {
     let data = random(&mut rng, 24 << 20);
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
     let pages = m.root.pages.len();
-    // Commits write rows 16 completed pages at a time; the seal the rest.
+    // Commits write rows of 8 or more completed pages, 8 per transaction;
+    // the seal the rest. The second half of the runs is committed at once
+    // (as a fetch's last commit), completing most pages in several groups.
     assert!(
         pages > 16,
-        "{pages} pages: rows written by commits and by the seal"
+        "{pages} pages: rows written by commits, in groups, and by the seal"
     );
     let id = m.id();
     let entries = m.entries().unwrap();
@@ -292,6 +294,7 @@ fn partial_writer_batches_commits_and_seals() {
         let corrupt_index = runs[0][3];
         let mut corrupt = bytes_of(corrupt_index).to_vec();
         corrupt[0] ^= 1;
+        let mut deferred = Vec::new();
         for (n, run) in runs.iter().enumerate() {
             let mut batch: Vec<(u64, &[u8])> = run.iter().map(|&i| (i, bytes_of(i))).collect();
             if n == 0 {
@@ -315,8 +318,13 @@ fn partial_writer_batches_commits_and_seals() {
             } else {
                 assert_eq!(committed.len(), run.len(), "{label}");
             }
-            writer.commit(&committed).unwrap();
+            if n < runs.len() / 2 {
+                writer.commit(&committed).unwrap();
+            } else {
+                deferred.extend(committed);
+            }
         }
+        writer.commit(&deferred).unwrap();
         assert_eq!(
             store.missing_chunks(&id).unwrap(),
             vec![corrupt_index],
