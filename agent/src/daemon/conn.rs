@@ -77,6 +77,8 @@ pub(crate) struct Tap {
     pub events: mpsc::UnboundedSender<(PeerId, PeerEvent)>,
     /// Set once the manifest is known and the partial blob exists.
     pub writer: Arc<OnceLock<Arc<PartialWriter>>>,
+    /// Intakes receiving for this fetch (they share its batch memory).
+    pub intakes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Messages for a connection's writer.

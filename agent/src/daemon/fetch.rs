@@ -451,12 +451,14 @@ async fn dial_all(
         bail!("no source given (--from HOST:PORT[,HOST:PORT…])");
     }
     let mut tasks = tokio::task::JoinSet::new();
+    let intakes = Arc::default();
     for (i, addr) in from.iter().enumerate() {
         let pid = PeerId(i as u64);
         let tap = Tap {
             peer: pid,
             events: events.clone(),
             writer: Arc::clone(writer),
+            intakes: Arc::clone(&intakes),
         };
         let daemon = Arc::clone(daemon);
         let addr = addr.clone();

@@ -7,18 +7,21 @@
 //! as one ([`PartialWriter::write_batch`]: SIMD lanes across its chunks, one
 //! vectored write per run of consecutive chunks).
 //!
-//! Batches fill up to [`BATCH_BYTES`], but never wait for that while the
-//! disk side is idle: when the reader has decoded everything it read and no
-//! batch is being written, it hands over what it has. At most
-//! [`BATCHES_MAX`] batches exist per connection (one filling, one queued,
-//! one being written), recycled, so memory is fixed and no buffer is
-//! allocated per batch.
+//! Batches fill up to [`BATCH_BYTES`] shared among the connections of a
+//! fetch (several sources: smaller batches each, at least
+//! [`BATCH_BYTES_MIN`]), but never wait for that while the disk side is
+//! idle: when the reader has decoded everything it read and no batch is
+//! being written, it hands over what it has. At most [`BATCHES_MAX`]
+//! batches exist per connection (one filling, one queued, one being
+//! written), recycled, so memory is fixed and no buffer is allocated per
+//! batch.
 //!
 //! Verdicts travel to the fetch in arrival order, after the chunk is
 //! written (or found bad); [`Intake::finish`] waits for the last batch, so
 //! a connection's `Closed` event always comes after its `Data` events.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use engine::store::PartialWriter;
 use substrate::sched::Verdict;
@@ -27,8 +30,14 @@ use tokio::sync::mpsc;
 
 use super::conn::{PeerEvent, Tap};
 
-/// A batch is handed over once it holds this many payload bytes.
+/// A batch is handed over once it holds this many payload bytes, divided by
+/// the connections receiving for the same fetch: with three sources the
+/// receiver holds three times the batches, and a third of the size each
+/// keeps its memory that of one (measured: 2 GiB from three sources, peak
+/// RssAnon 5.5 MiB above one source with 1 MiB each).
 pub(crate) const BATCH_BYTES: usize = 1 << 20;
+/// The smallest batch, however many connections share a fetch.
+const BATCH_BYTES_MIN: usize = 256 << 10;
 /// Batches per connection: one filling, one queued, one being written.
 const BATCHES_MAX: usize = 3;
 
@@ -62,6 +71,28 @@ pub(crate) struct Intake {
     to_worker: Option<mpsc::Sender<Batch>>,
     returned: mpsc::UnboundedReceiver<Batch>,
     worker: tokio::task::JoinHandle<()>,
+    live: Live,
+}
+
+/// Counts an intake among its fetch's while it lives.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Live(Arc::clone(count))
+    }
+
+    /// Batch size for each of the fetch's live intakes.
+    fn batch_bytes(&self) -> usize {
+        (BATCH_BYTES / self.0.load(Ordering::Relaxed).max(1)).max(BATCH_BYTES_MIN)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Intake {
@@ -77,6 +108,7 @@ impl Intake {
             to_worker: Some(to_worker),
             returned,
             worker,
+            live: Live::new(&tap.intakes),
         }
     }
 
@@ -93,7 +125,7 @@ impl Intake {
         self.filling
             .chunks
             .push((request, index, payload.len() as u32));
-        if self.filling.buf.len() >= BATCH_BYTES {
+        if self.filling.buf.len() >= self.live.batch_bytes() {
             self.hand_over().await?;
         }
         Ok(())

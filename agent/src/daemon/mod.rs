@@ -53,39 +53,15 @@ const SERVED_PAGES_CACHED: usize = 4;
 /// index and hash-checked once, not once per request and again per chunk).
 pub(crate) struct Served {
     pub reader: BlobReader,
-    pages: Mutex<Vec<(u32, Arc<Vec<engine::manifest::ChunkEntry>>)>>,
+    pages: engine::store::PageCache,
 }
 
 impl Served {
     /// Manifest entry of chunk `index`; `None` beyond the blob or when its
     /// page cannot be read.
     pub(crate) fn entry(&self, store: &Store, index: u64) -> Option<engine::manifest::ChunkEntry> {
-        let per_page = u64::from(engine::manifest::PAGE_CHUNKS);
-        let page = u32::try_from(index / per_page).ok()?;
-        let cached = self
-            .pages
-            .lock()
-            .expect("poisoned")
-            .iter()
-            .find(|(p, _)| *p == page)
-            .map(|(_, e)| Arc::clone(e));
-        let entries = match cached {
-            Some(e) => e,
-            None => {
-                let e = Arc::new(
-                    store
-                        .page(self.reader.id(), self.reader.root(), page)
-                        .ok()?,
-                );
-                let mut pages = self.pages.lock().expect("poisoned");
-                if pages.len() >= SERVED_PAGES_CACHED {
-                    pages.remove(0);
-                }
-                pages.push((page, Arc::clone(&e)));
-                e
-            }
-        };
-        entries.get((index % per_page) as usize).copied()
+        let r = &self.reader;
+        self.pages.entry(store, r.id(), r.root(), index).ok()?
     }
 }
 
@@ -337,7 +313,7 @@ impl Daemon {
         }
         let served = Arc::new(Served {
             reader: self.store.open_blob(id).ok()?,
-            pages: Mutex::new(Vec::new()),
+            pages: engine::store::PageCache::new(SERVED_PAGES_CACHED),
         });
         self.served
             .lock()

@@ -462,9 +462,14 @@ impl Decoder {
             Err(e) => return Err(self.fail(e)),
         };
         if pending.len() < len {
-            // The header passed every check: room for exactly this frame.
-            let missing = len - pending.len();
-            self.buf.reserve_exact(missing);
+            // The header passed every check: room for exactly this frame,
+            // counting what `receive_buffer` frees by dropping the decoded
+            // frames before it (growing only when that is not enough: a
+            // reallocation per read would churn the allocator).
+            if self.buf.capacity() - self.start < len {
+                let missing = len - pending.len();
+                self.buf.reserve_exact(missing);
+            }
             return Ok(None);
         }
         let at = self.start;
