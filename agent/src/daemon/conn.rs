@@ -336,7 +336,14 @@ async fn on_frame(
                 return violation(out, peer, "answer frame on a connection that asked nothing")
                     .await;
             };
-            let _ = t.events.send((t.peer, PeerEvent::Frame(encode(&frame))));
+            // Behind the verdicts of the chunks that arrived before it.
+            let frame = match intake {
+                Some(i) => i.push_frame(encode(&frame)).await?,
+                None => Some(encode(&frame)),
+            };
+            if let Some(f) = frame {
+                let _ = t.events.send((t.peer, PeerEvent::Frame(f)));
+            }
         }
         Frame::Data {
             request,

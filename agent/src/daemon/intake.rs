@@ -17,8 +17,14 @@
 //! batch.
 //!
 //! Verdicts travel to the fetch in arrival order, after the chunk is
-//! written (or found bad); [`Intake::finish`] waits for the last batch, so
-//! a connection's `Closed` event always comes after its `Data` events.
+//! written (or found bad). Every other frame for the fetch that arrives
+//! while chunks are pending travels behind them ([`Intake::push_frame`]):
+//! the fetch must see a `Reject` acknowledging a cancel after the chunks the
+//! peer sent before it, or the scheduler forgets the request first and
+//! bans the peer for "data for a request not outstanding" (seen once on a
+//! 16-core machine, three sources, in the endgame). [`Intake::finish`]
+//! waits for the last batch, so a connection's `Closed` event always comes
+//! after its `Data` events.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +52,8 @@ pub(crate) struct Batch {
     buf: Vec<u8>,
     /// (request, chunk index, payload length), in arrival order.
     chunks: Vec<(RequestId, u64, u32)>,
+    /// Encoded frames for the fetch that arrived after these chunks.
+    frames: Vec<Vec<u8>>,
 }
 
 impl Batch {
@@ -56,6 +64,7 @@ impl Batch {
                 BATCH_BYTES + substrate::wire::Limits::DEFAULT.chunk_bytes_max as usize,
             ),
             chunks: Vec::new(),
+            frames: Vec::new(),
         }
     }
 }
@@ -129,6 +138,19 @@ impl Intake {
             self.hand_over().await?;
         }
         Ok(())
+    }
+
+    /// A frame for the fetch other than `Data`: it must reach the fetch
+    /// after the verdicts of the chunks received before it. Handed back
+    /// when none are pending (the caller sends it at once); otherwise it
+    /// goes behind them, with what is batched so far.
+    pub(crate) async fn push_frame(&mut self, frame: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+        if self.in_flight == 0 && self.filling.chunks.is_empty() {
+            return Ok(Some(frame));
+        }
+        self.filling.frames.push(frame);
+        self.hand_over().await?;
+        Ok(None)
     }
 
     /// The reader decoded everything it had: hand over a partial batch if
@@ -206,7 +228,15 @@ async fn work(
     tap: Tap,
     writer: Arc<PartialWriter>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    while let Some(mut batch) = batches.recv().await {
+        if batch.chunks.is_empty() {
+            // Only frames, behind the batches before this one.
+            send_frames(&tap, &mut batch);
+            if give_back.send(batch).is_err() {
+                return;
+            }
+            continue;
+        }
         let w = Arc::clone(&writer);
         let done = tokio::task::spawn_blocking(move || {
             let mut at = 0usize;
@@ -254,10 +284,92 @@ async fn work(
                 },
             ));
         }
+        send_frames(&tap, &mut batch);
         batch.buf.clear();
         batch.chunks.clear();
         if give_back.send(batch).is_err() {
             return;
         }
+    }
+}
+
+fn send_frames(tap: &Tap, batch: &mut Batch) {
+    for frame in batch.frames.drain(..) {
+        let _ = tap.events.send((tap.peer, PeerEvent::Frame(frame)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use engine::chunker::{Chunker, ChunkerParams};
+    use engine::mem::MemStore;
+    use engine::store::{Owner, Store, StoreOptions};
+    use rand::{RngCore, SeedableRng};
+    use substrate::sched::PeerId;
+
+    use super::*;
+
+    /// A frame for the fetch that arrives while chunks are still being
+    /// verified and written reaches the fetch behind their verdicts (a
+    /// cancel's `Reject` must not overtake the chunks sent before it); with
+    /// nothing pending it is handed back to be sent at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_reach_the_fetch_behind_pending_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let params = ChunkerParams::with_avg(4096).unwrap();
+        let options = StoreOptions {
+            chunker: params,
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(Store::open(&tmp.path().join("s"), options).unwrap());
+        let mut data = vec![0u8; 4 << 20];
+        rand::rngs::StdRng::seed_from_u64(3).fill_bytes(&mut data);
+        let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+        store.begin_partial(&m, &Owner::new(0, "test")).unwrap();
+        let writer = Arc::new(store.partial_writer(&m.id()).unwrap());
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let tap = Tap {
+            peer: PeerId(7),
+            events,
+            writer: Arc::new(OnceLock::new()),
+            intakes: Arc::default(),
+        };
+        let mut intake = Intake::start(&tap, writer);
+        drop(tap);
+
+        let early = intake.push_frame(b"early".to_vec()).await.unwrap();
+        assert_eq!(early.as_deref(), Some(&b"early"[..]), "nothing pending");
+        let entries = m.entries().unwrap();
+        let middle = entries.len() / 2;
+        for (i, e) in entries.iter().enumerate() {
+            let bytes = &data[e.offset as usize..e.end() as usize];
+            intake.push(RequestId(1), i as u64, bytes).await.unwrap();
+            if i == middle {
+                let f = intake.push_frame(b"middle".to_vec()).await.unwrap();
+                assert_eq!(f, None, "queued behind the chunks before it");
+            }
+        }
+        let f = intake.push_frame(b"last".to_vec()).await.unwrap();
+        assert_eq!(f, None);
+        intake.finish().await;
+
+        let mut seen = Vec::new();
+        while let Some((peer, event)) = rx.recv().await {
+            assert_eq!(peer, PeerId(7));
+            seen.push(match event {
+                PeerEvent::Data { index, verdict, .. } => {
+                    assert_eq!(verdict, Verdict::Ok, "chunk {index}");
+                    index.to_string()
+                }
+                PeerEvent::Frame(f) => String::from_utf8(f).unwrap(),
+                other => panic!("unexpected event {other:?}"),
+            });
+        }
+        let mut expected: Vec<String> = (0..entries.len()).map(|i| i.to_string()).collect();
+        expected.insert(middle + 1, "middle".into());
+        expected.push("last".into());
+        assert_eq!(seen, expected);
     }
 }
