@@ -1267,7 +1267,7 @@ impl Store {
                 pages[&page][(index % u64::from(crate::manifest::PAGE_CHUNKS)) as usize],
             ));
         }
-        let verdicts = verify_and_write(&file, &path, chunks, &entries)?;
+        let verdicts = verify_and_write(&file, &path, chunks, &entries, &WriteTimings::default())?;
         if let Some(i) = verdicts.iter().position(|ok| !ok) {
             return Err(StoreError::BadChunk {
                 id: *id,
@@ -1444,6 +1444,46 @@ impl Store {
     }
 }
 
+/// Where a [`PartialWriter`]'s time went, summed over every batch (from
+/// several threads at once): what a slow fetch's log points at.
+#[derive(Default, Debug)]
+pub struct WriteTimings {
+    pub batches: std::sync::atomic::AtomicU64,
+    /// BLAKE3 of the received chunks.
+    pub hash_ns: std::sync::atomic::AtomicU64,
+    /// The positional writes (into the page cache).
+    pub write_ns: std::sync::atomic::AtomicU64,
+    /// Starting writeback of what a batch wrote (`sync_file_range`).
+    pub writeback_ns: std::sync::atomic::AtomicU64,
+}
+
+impl WriteTimings {
+    fn add(
+        counter: &std::sync::atomic::AtomicU64,
+        since: std::time::Instant,
+    ) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        counter.fetch_add(
+            (now - since).as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        now
+    }
+
+    /// (batches, hash s, write s, writeback s).
+    pub fn seconds(&self) -> (u64, f64, f64, f64) {
+        let s = |c: &std::sync::atomic::AtomicU64| {
+            c.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+        };
+        (
+            self.batches.load(std::sync::atomic::Ordering::Relaxed),
+            s(&self.hash_ns),
+            s(&self.write_ns),
+            s(&self.writeback_ns),
+        )
+    }
+}
+
 /// Decoded manifest pages of one blob, the `capacity` most recently
 /// loaded: chunk lookups while receiving or serving hit the same few pages.
 pub struct PageCache {
@@ -1519,6 +1559,7 @@ pub struct PartialWriter {
     file: File,
     pages: PageCache,
     rows: Mutex<RowsState>,
+    timings: WriteTimings,
     /// False once sealing began: no more writes.
     open: std::sync::RwLock<bool>,
 }
@@ -1544,7 +1585,9 @@ fn verify_and_write(
     path: &Path,
     chunks: &[(u64, &[u8])],
     entries: &[Option<ChunkEntry>],
+    timings: &WriteTimings,
 ) -> Result<Vec<bool>, StoreError> {
+    let started = std::time::Instant::now();
     debug_assert_eq!(chunks.len(), entries.len());
     let mut verdicts: Vec<bool> = chunks
         .iter()
@@ -1555,6 +1598,7 @@ fn verify_and_write(
     let msgs: Vec<&[u8]> = candidates.iter().map(|&i| chunks[i].1).collect();
     let mut hashes = vec![[0u8; 32]; msgs.len()];
     sys::hash_batch::hash_batch(&msgs, &mut hashes);
+    let hashed = WriteTimings::add(&timings.hash_ns, started);
     for (&i, h) in candidates.iter().zip(&hashes) {
         verdicts[i] = entries[i].is_some_and(|e| *h == e.hash.0);
     }
@@ -1586,9 +1630,14 @@ fn verify_and_write(
         sys::write_all_vectored_at(file, run_start, &run)
             .map_err(StoreError::io("cannot write", path))?;
     }
+    let written = WriteTimings::add(&timings.write_ns, hashed);
     if let Some((lo, hi)) = span {
         sys::start_writeback(file, lo, hi - lo);
     }
+    WriteTimings::add(&timings.writeback_ns, written);
+    timings
+        .batches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(verdicts)
 }
 
@@ -1619,6 +1668,7 @@ impl Store {
             file,
             pages: PageCache::new(WRITER_PAGES_CACHED),
             rows: Mutex::new(rows),
+            timings: WriteTimings::default(),
             open: std::sync::RwLock::new(true),
         })
     }
@@ -1656,7 +1706,12 @@ impl PartialWriter {
             .iter()
             .map(|&(index, _)| self.entry(index))
             .collect::<Result<Vec<_>, _>>()?;
-        verify_and_write(&self.file, &self.path, chunks, &entries)
+        verify_and_write(&self.file, &self.path, chunks, &entries, &self.timings)
+    }
+
+    /// Where [`PartialWriter::write_batch`] spent its time so far.
+    pub fn timings(&self) -> &WriteTimings {
+        &self.timings
     }
 
     /// Makes the chunks `indices` (each written by [`PartialWriter::write_batch`])

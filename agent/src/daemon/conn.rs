@@ -78,7 +78,7 @@ pub(crate) struct Tap {
     /// Set once the manifest is known and the partial blob exists.
     pub writer: Arc<OnceLock<Arc<PartialWriter>>>,
     /// Intakes receiving for this fetch (they share its batch memory).
-    pub intakes: Arc<std::sync::atomic::AtomicUsize>,
+    pub intakes: Arc<super::intake::FetchIntakes>,
 }
 
 /// Messages for a connection's writer.

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 use super::Daemon;
 use super::conn::{ConnHandle, PeerEvent, Tap, encode};
+use super::intake::FetchIntakes;
 use crate::control::FetchRequest;
 
 /// Bytes written between two commits (fsync + presence).
@@ -142,7 +143,8 @@ pub(crate) async fn fetch(
     // 1. Sources.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let writer_slot: Arc<OnceLock<Arc<PartialWriter>>> = Arc::new(OnceLock::new());
-    let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot).await?;
+    let intakes = Arc::default();
+    let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot, &intakes).await?;
     drop(events_tx);
     for p in peers.values() {
         if let Some(c) = &p.conn {
@@ -389,11 +391,14 @@ pub(crate) async fn fetch(
         return Err(f);
     }
     let received = started.elapsed();
+    let (batches, hash_s, write_s, writeback_s) = writer.timings().seconds();
     blocking(move || writer.seal()).await?;
     tracing::info!(
-        "fetched {id}: received in {:.2} s, sealed in {:.2} s",
+        "fetched {id}: received in {:.2} s, sealed in {:.2} s; {batches} batches: hashing {hash_s:.2} s, \
+         writing {write_s:.2} s, starting writeback {writeback_s:.2} s; readers waited {:.2} s for them",
         received.as_secs_f64(),
-        (started.elapsed() - received).as_secs_f64()
+        (started.elapsed() - received).as_secs_f64(),
+        intakes.reader_wait_s(),
     );
     progress("fetching", total, total);
     Ok(FetchOutcome {
@@ -446,19 +451,19 @@ async fn dial_all(
     from: &[String],
     events: &mpsc::UnboundedSender<(PeerId, PeerEvent)>,
     writer: &Arc<OnceLock<Arc<PartialWriter>>>,
+    intakes: &Arc<FetchIntakes>,
 ) -> Result<BTreeMap<PeerId, Peer>> {
     if from.is_empty() {
         bail!("no source given (--from HOST:PORT[,HOST:PORT…])");
     }
     let mut tasks = tokio::task::JoinSet::new();
-    let intakes = Arc::default();
     for (i, addr) in from.iter().enumerate() {
         let pid = PeerId(i as u64);
         let tap = Tap {
             peer: pid,
             events: events.clone(),
             writer: Arc::clone(writer),
-            intakes: Arc::clone(&intakes),
+            intakes: Arc::clone(intakes),
         };
         let daemon = Arc::clone(daemon);
         let addr = addr.clone();

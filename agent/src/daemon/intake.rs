@@ -27,7 +27,7 @@
 //! after its `Data` events.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use engine::store::PartialWriter;
 use substrate::sched::Verdict;
@@ -83,24 +83,40 @@ pub(crate) struct Intake {
     live: Live,
 }
 
+/// What the intakes of one fetch share.
+#[derive(Default)]
+pub(crate) struct FetchIntakes {
+    /// Intakes alive (they divide the batch size among them).
+    live: AtomicUsize,
+    /// Time readers waited for a free batch: the disk side was behind.
+    reader_wait_ns: AtomicU64,
+}
+
+impl FetchIntakes {
+    /// Seconds readers waited for the disk side, summed over connections.
+    pub(crate) fn reader_wait_s(&self) -> f64 {
+        self.reader_wait_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
 /// Counts an intake among its fetch's while it lives.
-struct Live(Arc<AtomicUsize>);
+struct Live(Arc<FetchIntakes>);
 
 impl Live {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Live(Arc::clone(count))
+    fn new(shared: &Arc<FetchIntakes>) -> Self {
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Live(Arc::clone(shared))
     }
 
     /// Batch size for each of the fetch's live intakes.
     fn batch_bytes(&self) -> usize {
-        (BATCH_BYTES / self.0.load(Ordering::Relaxed).max(1)).max(BATCH_BYTES_MIN)
+        (BATCH_BYTES / self.0.live.load(Ordering::Relaxed).max(1)).max(BATCH_BYTES_MIN)
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -202,11 +218,17 @@ impl Intake {
                 Batch::new()
             }
             None => {
+                let waiting = std::time::Instant::now();
                 let b = self
                     .returned
                     .recv()
                     .await
                     .ok_or("the chunk writer stopped")?;
+                let waited = waiting.elapsed().as_nanos() as u64;
+                self.live
+                    .0
+                    .reader_wait_ns
+                    .fetch_add(waited, Ordering::Relaxed);
                 self.in_flight -= 1;
                 b
             }
