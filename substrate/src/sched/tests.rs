@@ -74,7 +74,10 @@ fn single_peer_completes_in_runs() {
     while !s.is_complete() {
         let batch = poll_all(&mut s, now);
         assert!(!batch.is_empty());
-        assert!(batch.len() <= 4, "peer_requests_in_flight_max");
+        assert!(
+            batch.len() <= SchedConfig::DEFAULT.peer_requests_in_flight_max as usize,
+            "peer_requests_in_flight_max"
+        );
         for (peer, r) in batch {
             assert_eq!(peer, A);
             assert!(
@@ -134,6 +137,7 @@ fn resume_asks_only_for_missing_chunks() {
 fn a_peer_sending_bad_chunks_is_banned_and_the_others_finish() {
     let config = SchedConfig {
         run_bytes_target: 128 * 1024,
+        peer_requests_in_flight_max: 4,
         ..SchedConfig::DEFAULT
     };
     let mut s = new_sched(vec![32 * KIB; 120], config);
@@ -189,6 +193,7 @@ fn a_stalled_peer_is_dropped_and_its_work_reissued() {
     let config = SchedConfig {
         run_bytes_target: 256 * 1024,
         endgame_copies_max: 1,
+        peer_requests_in_flight_max: 4,
         ..SchedConfig::DEFAULT
     };
     let mut s = new_sched(vec![32 * KIB; 256], config);
