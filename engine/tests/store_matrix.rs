@@ -262,14 +262,15 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
 fn partial_writer_batches_commits_and_seals() {
     let params = ChunkerParams::with_avg(256).unwrap();
     let mut rng = StdRng::seed_from_u64(9);
-    let data = random(&mut rng, 24 << 20);
+    let data = random(&mut rng, 48 << 20);
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
     let pages = m.root.pages.len();
-    // Commits write rows of 8 or more completed pages, 8 per transaction;
-    // the seal the rest. The second half of the runs is committed at once
-    // (as a fetch's last commit), completing most pages in several groups.
+    // Commits write rows of 8 or more completed pages, 32 per transaction;
+    // the seal the rest. The last three quarters of the runs are committed
+    // at once (as a fetch's last commit), completing most pages: several
+    // transactions.
     assert!(
-        pages > 16,
+        pages >= 40,
         "{pages} pages: rows written by commits, in groups, and by the seal"
     );
     let id = m.id();
@@ -318,7 +319,7 @@ fn partial_writer_batches_commits_and_seals() {
             } else {
                 assert_eq!(committed.len(), run.len(), "{label}");
             }
-            if n < runs.len() / 2 {
+            if n < runs.len() / 4 {
                 writer.commit(&committed).unwrap();
             } else {
                 deferred.extend(committed);
