@@ -7,20 +7,22 @@
 //! back to the free list. An in-flight io_uring write holds a `Slab` clone,
 //! so the kernel never reads memory that someone else is refilling.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 /// Alignment of every slab: the largest logical block size direct IO needs.
 pub const SLAB_ALIGN: usize = 4096;
+/// Alignment of the pool's memory: one transparent huge page (x86_64 and
+/// aarch64 with 4 KiB pages; elsewhere it is only alignment).
+const HUGE_ALIGN: usize = 2 << 20;
 
 struct RawBuf {
     ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: RawBuf is a plain heap allocation; which thread may touch it is
+// SAFETY: RawBuf points into the pool's own mapping; which thread may touch it is
 // governed by the lease protocol below, not by the pointer itself.
 unsafe impl Send for RawBuf {}
 // SAFETY: as above; shared access is read-only (through `Slab`).
@@ -29,6 +31,9 @@ unsafe impl Sync for RawBuf {}
 /// A fixed set of aligned buffers.
 pub struct SlabPool {
     bufs: Vec<RawBuf>,
+    /// The memory behind `bufs`, unmapped when the pool drops (no lease or
+    /// slab outlives the pool: both hold an `Arc` to it).
+    _mem: memmap2::MmapMut,
     slab_bytes: usize,
     free_tx: Sender<usize>,
     free_rx: Receiver<usize>,
@@ -47,26 +52,43 @@ impl std::fmt::Debug for SlabPool {
 
 impl SlabPool {
     /// Allocates `count` zeroed slabs of `slab_bytes` (a multiple of [`SLAB_ALIGN`]).
+    ///
+    /// The slabs are one anonymous mapping, aligned to and advised for
+    /// transparent huge pages. Direct IO hands the device one segment per
+    /// physically contiguous run, and virtio-blk takes at most 254 segments
+    /// a request: from 4 KiB pages a 4 MiB write went out as ~1 MB requests
+    /// (`iostat`: ~0.4 GB/s at 100 % utilisation here), from 2 MiB pages it
+    /// goes out whole, as page-cache writeback's large folios do.
     pub fn new(count: usize, slab_bytes: usize) -> Arc<Self> {
         assert!(count > 0 && slab_bytes > 0 && slab_bytes.is_multiple_of(SLAB_ALIGN));
-        let layout = Layout::from_size_align(slab_bytes, SLAB_ALIGN).expect("valid slab layout");
+        let total = count.checked_mul(slab_bytes).expect("slab pool size fits usize");
+        let slack = if total >= HUGE_ALIGN { HUGE_ALIGN } else { 0 };
+        let mut mem = memmap2::MmapMut::map_anon(total + slack)
+            .unwrap_or_else(|e| panic!("mapping {total} bytes of slabs: {e}"));
+        let start = match slack {
+            0 => 0,
+            _ => (HUGE_ALIGN - mem.as_ptr() as usize % HUGE_ALIGN) % HUGE_ALIGN,
+        };
+        #[cfg(target_os = "linux")]
+        if slack > 0 {
+            // Advice only: without THP the slabs are ordinary pages.
+            let _ = mem.advise_range(memmap2::Advice::HugePage, start, total);
+        }
+        let base = mem[start..].as_mut_ptr();
         let (free_tx, free_rx) = bounded(count);
         let bufs = (0..count)
             .map(|i| {
-                // SAFETY: layout has non-zero size (asserted above).
-                let ptr = unsafe { alloc_zeroed(layout) };
-                if ptr.is_null() {
-                    std::alloc::handle_alloc_error(layout);
-                }
                 free_tx.send(i).expect("free list sized to the pool");
                 RawBuf {
-                    ptr,
+                    // SAFETY: i * slab_bytes + slab_bytes <= total, inside the mapping.
+                    ptr: unsafe { base.add(i * slab_bytes) },
                     len: slab_bytes,
                 }
             })
             .collect();
         Arc::new(SlabPool {
             bufs,
+            _mem: mem,
             slab_bytes,
             free_tx,
             free_rx,
@@ -93,18 +115,6 @@ impl SlabPool {
         SlabLease {
             pool: Arc::clone(self),
             index,
-        }
-    }
-}
-
-impl Drop for SlabPool {
-    fn drop(&mut self) {
-        let layout =
-            Layout::from_size_align(self.slab_bytes, SLAB_ALIGN).expect("valid slab layout");
-        for b in &self.bufs {
-            // SAFETY: allocated in `new` with this layout; no lease or slab
-            // outlives the pool because both hold an `Arc` to it.
-            unsafe { dealloc(b.ptr, layout) };
         }
     }
 }
