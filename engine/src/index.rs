@@ -30,6 +30,7 @@ use redb::{
 };
 
 use crate::hash::{BlobId, ChunkHash};
+use crate::index_file::IndexFile;
 use crate::manifest::{ChunkEntry, ManifestLimits, ManifestRoot};
 use crate::store::{BlobState, Owner, StoreError};
 
@@ -159,12 +160,22 @@ fn ierr(e: impl std::fmt::Display) -> StoreError {
 
 impl Index {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let cannot = |e: &dyn std::fmt::Display| {
+            StoreError::CorruptIndex(format!("cannot open index {}: {e}", path.display()))
+        };
+        // What `Builder::create` opens, behind the grow-sync deferral.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| cannot(&e))?;
+        let backend = redb::backends::FileBackend::new(file).map_err(|e| cannot(&e))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| {
-                StoreError::CorruptIndex(format!("cannot open index {}: {e}", path.display()))
-            })?;
+            .create_with_backend(IndexFile::new(backend))
+            .map_err(|e| cannot(&e))?;
         let index = Index { db };
         let tx = index.db.begin_write().map_err(ierr)?;
         {

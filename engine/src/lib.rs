@@ -6,6 +6,7 @@
 pub mod chunker;
 pub mod hash;
 mod index;
+mod index_file;
 mod ingest;
 pub mod io;
 pub mod manifest;
