@@ -194,7 +194,10 @@ mod tests {
         f.sync_data().unwrap(); // redb's sync after growing: deferred
         f.write(1 << 16, &[1; 8]).unwrap();
         f.write(1 << 17, &[2; 8]).unwrap();
-        assert_eq!(f.inner.take(), ["set_len 1048576", "write 65536", "write 131072"]);
+        assert_eq!(
+            f.inner.take(),
+            ["set_len 1048576", "write 65536", "write 131072"]
+        );
         f.write(0, &[3; 8]).unwrap(); // the header: the length goes first
         assert_eq!(f.inner.take(), ["sync", "write 0"]);
         f.sync_data().unwrap(); // a commit's flush is never skipped
@@ -213,7 +216,12 @@ mod tests {
         }
         assert_eq!(
             f.inner.take(),
-            ["set_len 1048576", "write 524288", "set_len 2097152", "write 1048576"]
+            [
+                "set_len 1048576",
+                "write 524288",
+                "set_len 2097152",
+                "write 1048576"
+            ]
         );
         f.write(100, &[2; 8]).unwrap();
         assert_eq!(f.inner.take(), ["sync", "write 100"]);
@@ -226,7 +234,10 @@ mod tests {
         f.write(8192, &[1; 8]).unwrap();
         f.sync_data().unwrap();
         f.write(0, &[2; 8]).unwrap();
-        assert_eq!(f.inner.take(), ["set_len 1048576", "write 8192", "sync", "write 0"]);
+        assert_eq!(
+            f.inner.take(),
+            ["set_len 1048576", "write 8192", "sync", "write 0"]
+        );
     }
 
     #[test]
@@ -235,7 +246,10 @@ mod tests {
         f.set_len(1 << 20).unwrap();
         f.sync_data().unwrap();
         f.set_len(1 << 19).unwrap();
-        assert_eq!(f.inner.take(), ["set_len 1048576", "sync", "set_len 524288"]);
+        assert_eq!(
+            f.inner.take(),
+            ["set_len 1048576", "sync", "set_len 524288"]
+        );
         f.set_len(1 << 20).unwrap();
         f.sync_data().unwrap();
         f.close().unwrap();

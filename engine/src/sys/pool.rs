@@ -61,7 +61,9 @@ impl SlabPool {
     /// goes out whole, as page-cache writeback's large folios do.
     pub fn new(count: usize, slab_bytes: usize) -> Arc<Self> {
         assert!(count > 0 && slab_bytes > 0 && slab_bytes.is_multiple_of(SLAB_ALIGN));
-        let total = count.checked_mul(slab_bytes).expect("slab pool size fits usize");
+        let total = count
+            .checked_mul(slab_bytes)
+            .expect("slab pool size fits usize");
         let slack = if total >= HUGE_ALIGN { HUGE_ALIGN } else { 0 };
         let mut mem = memmap2::MmapMut::map_anon(total + slack)
             .unwrap_or_else(|e| panic!("mapping {total} bytes of slabs: {e}"));
