@@ -408,9 +408,175 @@ impl SequentialFile {
     }
 }
 
+/// Bytes of one slab of a [`RunWriter`]: a 1 MiB receive batch and its
+/// edges, so a run is usually one direct write.
+const RUN_SLAB_BYTES: usize = (4 << 20) + (64 << 10);
+/// Slabs of a [`RunWriter`]: runs written at once (one per connection's
+/// batch on the blocking pool); a further writer waits for one.
+const RUN_SLABS: usize = 4;
+
+/// Writes runs of bytes at arbitrary offsets of an existing, preallocated
+/// file: a fetch's verified chunks, which start anywhere.
+///
+/// Buffered `pwrite`s into the page cache cost ~2 CPU-s per GiB of kernel
+/// time on the reference VM (a 4 GiB fetch spent 9.5 s of its receiving
+/// cores writing), against ~0.3 for direct IO from aligned memory. Direct IO
+/// needs whole blocks, so each run's whole blocks are copied into an
+/// aligned slab (one `memcpy`) and written directly, and the partial blocks
+/// at its two ends go through the page cache. A partial block is never
+/// written directly and a whole block of a run belongs to no other run, so
+/// the two kinds of write never overlap. Where direct IO is refused
+/// (tmpfs, some FUSE, other platforms) or unwanted, every write goes
+/// through the page cache. An fsync of [`RunWriter::file`] covers both.
+#[derive(Debug)]
+pub struct RunWriter {
+    file: File,
+    direct: Option<(File, Arc<SlabPool>)>,
+}
+
+impl RunWriter {
+    /// Opens `path` for writing, with direct IO when `direct` and the
+    /// filesystem allows it.
+    pub fn open(path: &std::path::Path, direct: bool) -> io::Result<Self> {
+        let file = File::options().write(true).open(path)?;
+        let direct = match direct {
+            true => crate::sys::open_direct_writer(path)?
+                .map(|f| (f, SlabPool::new(RUN_SLABS, RUN_SLAB_BYTES))),
+            false => None,
+        };
+        Ok(RunWriter { file, direct })
+    }
+
+    /// The file, for syncing (and for writes that bypass this writer).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether whole blocks go out with direct IO.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Writes `parts`, back to back, at `offset` (at most
+    /// [`crate::sys::IOV_MAX`] parts).
+    pub fn write_at(&self, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const BLOCK: u64 = crate::sys::DIRECT_ALIGN;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let end = offset + len;
+        let (lo, hi) = (offset.next_multiple_of(BLOCK), end / BLOCK * BLOCK);
+        let Some((direct, pool)) = self.direct.as_ref().filter(|_| lo < hi) else {
+            return crate::sys::write_all_vectored_at(&self.file, offset, parts);
+        };
+        let mut from = Gather {
+            parts,
+            part: 0,
+            at: 0,
+        };
+        let mut edge = [0u8; BLOCK as usize];
+        let head = (lo - offset) as usize;
+        if head > 0 {
+            from.copy_to(&mut edge[..head]);
+            self.file.write_all_at(&edge[..head], offset)?;
+        }
+        let mut slab = pool.lease();
+        let mut at = lo;
+        while at < hi {
+            let n = (hi - at).min(RUN_SLAB_BYTES as u64) as usize;
+            let buf = &mut slab.as_mut_slice()[..n];
+            from.copy_to(buf);
+            direct.write_all_at(buf, at)?;
+            at += n as u64;
+        }
+        drop(slab);
+        let tail = (end - hi) as usize;
+        if tail > 0 {
+            from.copy_to(&mut edge[..tail]);
+            self.file.write_all_at(&edge[..tail], hi)?;
+        }
+        Ok(())
+    }
+}
+
+/// A cursor over byte slices read back to back.
+struct Gather<'a> {
+    parts: &'a [&'a [u8]],
+    part: usize,
+    at: usize,
+}
+
+impl Gather<'_> {
+    /// Copies the next `dst.len()` bytes into `dst`.
+    fn copy_to(&mut self, dst: &mut [u8]) {
+        let mut done = 0;
+        while done < dst.len() {
+            let rest = &self.parts[self.part][self.at..];
+            let n = rest.len().min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&rest[..n]);
+            done += n;
+            self.at += n;
+            if self.at == self.parts[self.part].len() {
+                self.part += 1;
+                self.at = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, RngCore, SeedableRng};
+
+    #[test]
+    fn run_writer_writes_runs_at_any_offset_in_any_order() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let size = 3 * RUN_SLAB_BYTES + 12_345;
+        let mut data = vec![0u8; size];
+        rng.fill_bytes(&mut data);
+        // Runs from one byte to well past a slab, in shuffled order.
+        let mut runs = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let len = match rng.random_range(0..4) {
+                0 => rng.random_range(1..100),
+                1 => rng.random_range(1..9000),
+                2 => rng.random_range(4096..70_000),
+                _ => rng.random_range(RUN_SLAB_BYTES..2 * RUN_SLAB_BYTES),
+            }
+            .min(size - at);
+            runs.push((at, len));
+            at += len;
+        }
+        runs.shuffle(&mut rng);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for direct in [true, false] {
+            File::create(&path).unwrap().set_len(size as u64).unwrap();
+            let w = RunWriter::open(&path, direct).unwrap();
+            if direct && !w.is_direct() {
+                eprintln!(
+                    "SKIPPED the direct half: {} refuses O_DIRECT",
+                    dir.path().display()
+                );
+                continue;
+            }
+            assert_eq!(w.is_direct(), direct);
+            for &(off, len) in &runs {
+                // Split each run into up to three parts, some empty.
+                let bytes = &data[off..off + len];
+                let a = rng.random_range(0..=len);
+                let b = rng.random_range(a..=len);
+                w.write_at(off as u64, &[&bytes[..a], &bytes[a..b], &bytes[b..]])
+                    .unwrap();
+            }
+            w.file().sync_all().unwrap();
+            drop(w);
+            assert!(std::fs::read(&path).unwrap() == data, "direct: {direct}");
+        }
+    }
 
     #[test]
     fn mode_parsing() {

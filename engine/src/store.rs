@@ -45,7 +45,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::hash::{BlobId, ChunkHash, ContentHash};
 use crate::index::{BlobRecord, Index, RowKey};
 use crate::ingest::{self, IngestError, PageSink, Sink};
-use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
+use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection, RunWriter};
 use crate::manifest::{
     ChunkEntry, EncodedPage, Manifest, ManifestError, ManifestLimits, ManifestRoot, PageRef,
 };
@@ -1250,32 +1250,16 @@ impl Store {
     /// manifest entry (else [`StoreError::BadChunk`] and nothing of it is
     /// recorded). Durable on return: bytes are fsync'd before their presence
     /// bits are committed.
-    pub fn write_chunks(&self, id: &BlobId, chunks: &[(u64, &[u8])]) -> Result<(), StoreError> {
-        let _guard = self.partial_lock.lock().expect("partial lock poisoned");
-        let r = self.record(id)?;
-        if r.state != BlobState::Partial {
+    pub fn write_chunks(
+        self: &std::sync::Arc<Self>,
+        id: &BlobId,
+        chunks: &[(u64, &[u8])],
+    ) -> Result<(), StoreError> {
+        if self.record(id)?.state != BlobState::Partial {
             return Ok(());
         }
-        let path = self.partial_path(id);
-        let file = File::options()
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io("cannot open", &path))?;
-        let mut pages: HashMap<u32, Vec<ChunkEntry>> = HashMap::new();
-        let mut entries = Vec::with_capacity(chunks.len());
-        for &(index, _) in chunks {
-            let page = (index / u64::from(crate::manifest::PAGE_CHUNKS)) as u32;
-            if page as usize >= r.root.pages.len() {
-                return Err(StoreError::BadChunk { id: *id, index });
-            }
-            if let std::collections::hash_map::Entry::Vacant(v) = pages.entry(page) {
-                v.insert(self.index.page(id, &r.root, page)?);
-            }
-            entries.push(Some(
-                pages[&page][(index % u64::from(crate::manifest::PAGE_CHUNKS)) as usize],
-            ));
-        }
-        let verdicts = verify_and_write(&file, &path, chunks, &entries, &WriteTimings::default())?;
+        let writer = self.partial_writer(id)?;
+        let verdicts = writer.write_batch(chunks)?;
         if let Some(i) = verdicts.iter().position(|ok| !ok) {
             return Err(StoreError::BadChunk {
                 id: *id,
@@ -1283,9 +1267,7 @@ impl Store {
             });
         }
         let written: Vec<u64> = chunks.iter().map(|&(index, _)| index).collect();
-        file.sync_data()
-            .map_err(StoreError::io("cannot sync", &path))?;
-        self.mark_present(id, &written)
+        writer.commit(&written)
     }
 
     fn mark_present(&self, id: &BlobId, indices: &[u64]) -> Result<(), StoreError> {
@@ -1561,7 +1543,8 @@ pub struct PartialWriter {
     id: BlobId,
     root: ManifestRoot,
     path: PathBuf,
-    file: File,
+    /// The partial file: whole blocks direct, partial ones buffered.
+    out: RunWriter,
     pages: PageCache,
     rows: Mutex<RowsState>,
     timings: WriteTimings,
@@ -1586,7 +1569,7 @@ impl fmt::Debug for PartialWriter {
 /// `pwrite` per ~10 KiB chunk spent as much time in that `memset` as in the
 /// copy itself (perf, 4 GiB fetch), one write per run only at its two ends.
 fn verify_and_write(
-    file: &File,
+    out: &RunWriter,
     path: &Path,
     chunks: &[(u64, &[u8])],
     entries: &[Option<ChunkEntry>],
@@ -1619,7 +1602,7 @@ fn verify_and_write(
         };
         if run.is_empty() || e.offset != run_end || run.len() == sys::IOV_MAX {
             if !run.is_empty() {
-                sys::write_all_vectored_at(file, run_start, &run)
+                out.write_at(run_start, &run)
                     .map_err(StoreError::io("cannot write", path))?;
                 run.clear();
             }
@@ -1632,12 +1615,18 @@ fn verify_and_write(
         }));
     }
     if !run.is_empty() {
-        sys::write_all_vectored_at(file, run_start, &run)
+        out.write_at(run_start, &run)
             .map_err(StoreError::io("cannot write", path))?;
     }
     let written = WriteTimings::add(&timings.write_ns, hashed);
-    if let Some((lo, hi)) = span {
-        sys::start_writeback(file, lo, hi - lo);
+    // Through the page cache, start writing back at once. Direct writes are
+    // on their way already, and the partial blocks at the ends of their
+    // runs wait for the next commit's fsync: the tail of one batch's run is
+    // usually the head of the next batch's, so the block goes out once, not
+    // as two extra small requests per batch (which halved the size of the
+    // average request on a 4 GiB fetch here: `iostat` ~270 KB).
+    if let Some((lo, hi)) = span.filter(|_| !out.is_direct()) {
+        sys::start_writeback(out.file(), lo, hi - lo);
     }
     WriteTimings::add(&timings.writeback_ns, written);
     timings
@@ -1657,9 +1646,7 @@ impl Store {
             return Err(StoreError::NotPartial(*id));
         }
         let path = self.partial_path(id);
-        let file = File::options()
-            .write(true)
-            .open(&path)
+        let out = RunWriter::open(&path, self.options.direct_writes)
             .map_err(StoreError::io("cannot open", &path))?;
         let rows = RowsState {
             done: vec![false; r.root.pages.len()],
@@ -1670,7 +1657,7 @@ impl Store {
             id: *id,
             root: r.root,
             path,
-            file,
+            out,
             pages: PageCache::new(WRITER_PAGES_CACHED),
             rows: Mutex::new(rows),
             timings: WriteTimings::default(),
@@ -1711,7 +1698,7 @@ impl PartialWriter {
             .iter()
             .map(|&(index, _)| self.entry(index))
             .collect::<Result<Vec<_>, _>>()?;
-        verify_and_write(&self.file, &self.path, chunks, &entries, &self.timings)
+        verify_and_write(&self.out, &self.path, chunks, &entries, &self.timings)
     }
 
     /// Where [`PartialWriter::write_batch`] spent its time so far.
@@ -1727,7 +1714,8 @@ impl PartialWriter {
         if indices.is_empty() {
             return Ok(());
         }
-        self.file
+        self.out
+            .file()
             .sync_data()
             .map_err(StoreError::io("cannot sync", &self.path))?;
         let _guard = self

@@ -189,7 +189,8 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
     let (old, new) = (&vs[0], &vs[1]);
     for (label, options) in backends(ChunkerParams::with_avg(4096).unwrap()) {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("s"), options.clone()).unwrap();
+        let store =
+            std::sync::Arc::new(Store::open(&tmp.path().join("s"), options.clone()).unwrap());
         add_bytes(&store, tmp.path(), "old", old);
         let oracle = MemStore::new(Chunker::new(options.chunker).unwrap());
         oracle.add(old);
@@ -229,7 +230,8 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
         assert_eq!(store.missing_chunks(&id).unwrap(), missing);
         // Reopen in between: progress is durable.
         drop(store);
-        let store = Store::open(&tmp.path().join("s"), options.clone()).unwrap();
+        let store =
+            std::sync::Arc::new(Store::open(&tmp.path().join("s"), options.clone()).unwrap());
         assert_eq!(
             store.missing_chunks(&id).unwrap(),
             missing,
@@ -545,7 +547,7 @@ fn open_finishes_or_restarts_an_interrupted_seal() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
     {
-        let store = Store::open(&dir, options.clone()).unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir, options.clone()).unwrap());
         store.begin_partial(&m, &owner()).unwrap();
         store.write_chunks(&id, &all).unwrap();
     }
@@ -556,7 +558,7 @@ fn open_finishes_or_restarts_an_interrupted_seal() {
     )
     .unwrap();
     {
-        let store = Store::open(&dir, options.clone()).unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir, options.clone()).unwrap());
         assert!(store.missing_chunks(&id).unwrap().is_empty());
         store.seal_partial(&id).unwrap();
         assert_eq!(read_all(&store, &id).unwrap(), data);
@@ -566,7 +568,7 @@ fn open_finishes_or_restarts_an_interrupted_seal() {
     }
     // The partial file vanished: restart that blob from nothing.
     fs::remove_file(dir.join("partial").join(id.to_hex())).unwrap();
-    let store = Store::open(&dir, options).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir, options).unwrap());
     assert_eq!(store.missing_chunks(&id).unwrap().len(), entries.len());
     store.write_chunks(&id, &all).unwrap();
     store.seal_partial(&id).unwrap();
