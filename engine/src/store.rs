@@ -45,7 +45,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::hash::{BlobId, ChunkHash, ContentHash};
 use crate::index::{BlobRecord, Index, RowKey};
 use crate::ingest::{self, IngestError, PageSink, Sink};
-use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection, RunWriter};
+use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
 use crate::manifest::{
     ChunkEntry, EncodedPage, Manifest, ManifestError, ManifestLimits, ManifestRoot, PageRef,
 };
@@ -1543,8 +1543,7 @@ pub struct PartialWriter {
     id: BlobId,
     root: ManifestRoot,
     path: PathBuf,
-    /// The partial file: whole blocks direct, partial ones buffered.
-    out: RunWriter,
+    file: File,
     pages: PageCache,
     rows: Mutex<RowsState>,
     timings: WriteTimings,
@@ -1569,7 +1568,7 @@ impl fmt::Debug for PartialWriter {
 /// `pwrite` per ~10 KiB chunk spent as much time in that `memset` as in the
 /// copy itself (perf, 4 GiB fetch), one write per run only at its two ends.
 fn verify_and_write(
-    out: &RunWriter,
+    file: &File,
     path: &Path,
     chunks: &[(u64, &[u8])],
     entries: &[Option<ChunkEntry>],
@@ -1602,7 +1601,7 @@ fn verify_and_write(
         };
         if run.is_empty() || e.offset != run_end || run.len() == sys::IOV_MAX {
             if !run.is_empty() {
-                out.write_at(run_start, &run)
+                sys::write_all_vectored_at(file, run_start, &run)
                     .map_err(StoreError::io("cannot write", path))?;
                 run.clear();
             }
@@ -1615,18 +1614,12 @@ fn verify_and_write(
         }));
     }
     if !run.is_empty() {
-        out.write_at(run_start, &run)
+        sys::write_all_vectored_at(file, run_start, &run)
             .map_err(StoreError::io("cannot write", path))?;
     }
     let written = WriteTimings::add(&timings.write_ns, hashed);
-    // Through the page cache, start writing back at once. Direct writes are
-    // on their way already, and the partial blocks at the ends of their
-    // runs wait for the next commit's fsync: the tail of one batch's run is
-    // usually the head of the next batch's, so the block goes out once, not
-    // as two extra small requests per batch (which halved the size of the
-    // average request on a 4 GiB fetch here: `iostat` ~270 KB).
-    if let Some((lo, hi)) = span.filter(|_| !out.is_direct()) {
-        sys::start_writeback(out.file(), lo, hi - lo);
+    if let Some((lo, hi)) = span {
+        sys::start_writeback(file, lo, hi - lo);
     }
     WriteTimings::add(&timings.writeback_ns, written);
     timings
@@ -1646,7 +1639,9 @@ impl Store {
             return Err(StoreError::NotPartial(*id));
         }
         let path = self.partial_path(id);
-        let out = RunWriter::open(&path, self.options.direct_writes)
+        let file = File::options()
+            .write(true)
+            .open(&path)
             .map_err(StoreError::io("cannot open", &path))?;
         let rows = RowsState {
             done: vec![false; r.root.pages.len()],
@@ -1657,7 +1652,7 @@ impl Store {
             id: *id,
             root: r.root,
             path,
-            out,
+            file,
             pages: PageCache::new(WRITER_PAGES_CACHED),
             rows: Mutex::new(rows),
             timings: WriteTimings::default(),
@@ -1698,7 +1693,7 @@ impl PartialWriter {
             .iter()
             .map(|&(index, _)| self.entry(index))
             .collect::<Result<Vec<_>, _>>()?;
-        verify_and_write(&self.out, &self.path, chunks, &entries, &self.timings)
+        verify_and_write(&self.file, &self.path, chunks, &entries, &self.timings)
     }
 
     /// Where [`PartialWriter::write_batch`] spent its time so far.
@@ -1714,8 +1709,7 @@ impl PartialWriter {
         if indices.is_empty() {
             return Ok(());
         }
-        self.out
-            .file()
+        self.file
             .sync_data()
             .map_err(StoreError::io("cannot sync", &self.path))?;
         let _guard = self

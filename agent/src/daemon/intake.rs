@@ -41,16 +41,11 @@ use super::conn::{PeerEvent, Tap};
 /// receiver holds three times the batches, and a third of the size each
 /// keeps its memory that of one (measured: 2 GiB from three sources, peak
 /// RssAnon 5.5 MiB above one source with 1 MiB each).
-pub(crate) const BATCH_BYTES: usize = 4 << 20;
+pub(crate) const BATCH_BYTES: usize = 1 << 20;
 /// The smallest batch, however many connections share a fetch.
 const BATCH_BYTES_MIN: usize = 256 << 10;
-/// Batches of one connection verified and written at once: two, so one
-/// batch's direct write is in flight while the next is hashed and sent (a
-/// direct write returns only once the disk has it).
-const WRITES_MAX: usize = 2;
-/// Batches per connection: one filling, one queued, [`WRITES_MAX`] being
-/// written.
-const BATCHES_MAX: usize = 2 + WRITES_MAX;
+/// Batches per connection: one filling, one queued, one being written.
+const BATCHES_MAX: usize = 3;
 
 /// Received chunks, payloads back to back in `buf`.
 pub(crate) struct Batch {
@@ -248,115 +243,76 @@ impl Intake {
     }
 }
 
-/// What the worker gets back for a batch: the batch (to recycle) and its
-/// verdicts (empty for a batch of frames only).
-type Written = (Batch, Result<Vec<bool>, engine::store::StoreError>);
-
-/// Verifies and writes batches, [`WRITES_MAX`] at once; reports each chunk's
-/// verdict, and each batch's frames, in the order the batches came.
+/// Verifies and writes batches in order; reports each chunk's verdict.
 async fn work(
     mut batches: mpsc::Receiver<Batch>,
     give_back: mpsc::UnboundedSender<Batch>,
     tap: Tap,
     writer: Arc<PartialWriter>,
 ) {
-    let mut writing: std::collections::VecDeque<tokio::task::JoinHandle<Written>> =
-        std::collections::VecDeque::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            biased;
-            // (select! builds every branch's future, enabled or not.)
-            done = next_written(&mut writing), if !writing.is_empty() => {
-                writing.pop_front();
-                let (mut batch, verdicts) = match done {
-                    Ok(d) => d,
-                    Err(e) => {
-                        let why = format!("chunk writer failed: {e}");
-                        let _ = tap.events.send((tap.peer, PeerEvent::LocalError(why)));
-                        return;
-                    }
-                };
-                if !report(&tap, &mut batch, verdicts) || give_back.send(batch).is_err() {
-                    return;
-                }
+    while let Some(mut batch) = batches.recv().await {
+        if batch.chunks.is_empty() {
+            // Only frames, behind the batches before this one.
+            send_frames(&tap, &mut batch);
+            if give_back.send(batch).is_err() {
+                return;
             }
-            next = batches.recv(), if open && writing.len() < WRITES_MAX => match next {
-                Some(batch) => writing.push_back(start(batch, &writer)),
-                None => open = false,
-            },
-            else => return,
+            continue;
+        }
+        let w = Arc::clone(&writer);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut at = 0usize;
+            let chunks: Vec<(u64, &[u8])> = batch
+                .chunks
+                .iter()
+                .map(|&(_, index, len)| {
+                    let bytes = &batch.buf[at..at + len as usize];
+                    at += len as usize;
+                    (index, bytes)
+                })
+                .collect();
+            let verdicts = w.write_batch(&chunks);
+            drop(chunks);
+            (batch, verdicts)
+        })
+        .await;
+        let (mut batch, verdicts) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let why = format!("chunk writer failed: {e}");
+                let _ = tap.events.send((tap.peer, PeerEvent::LocalError(why)));
+                return;
+            }
+        };
+        let verdicts = match verdicts {
+            Ok(v) => v,
+            Err(e) => {
+                // Only local failures (disk full, IO error) reach here: a
+                // chunk that does not match is a verdict, not an error.
+                let _ = tap
+                    .events
+                    .send((tap.peer, PeerEvent::LocalError(e.to_string())));
+                return;
+            }
+        };
+        for (&(request, index, bytes), ok) in batch.chunks.iter().zip(verdicts) {
+            let _ = tap.events.send((
+                tap.peer,
+                PeerEvent::Data {
+                    request,
+                    index,
+                    verdict: if ok { Verdict::Ok } else { Verdict::Bad },
+                    bytes,
+                },
+            ));
+        }
+        send_frames(&tap, &mut batch);
+        batch.buf.clear();
+        batch.chunks.clear();
+        if give_back.send(batch).is_err() {
+            return;
         }
     }
-}
-
-/// The oldest batch being written, once written (pending while none is).
-async fn next_written(
-    writing: &mut std::collections::VecDeque<tokio::task::JoinHandle<Written>>,
-) -> Result<Written, tokio::task::JoinError> {
-    match writing.front_mut() {
-        Some(h) => h.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Verifies and writes `batch` on the blocking pool (a batch of frames only
-/// just travels in its turn).
-fn start(batch: Batch, writer: &Arc<PartialWriter>) -> tokio::task::JoinHandle<Written> {
-    if batch.chunks.is_empty() {
-        return tokio::spawn(async move { (batch, Ok(Vec::new())) });
-    }
-    let w = Arc::clone(writer);
-    tokio::task::spawn_blocking(move || {
-        let mut at = 0usize;
-        let chunks: Vec<(u64, &[u8])> = batch
-            .chunks
-            .iter()
-            .map(|&(_, index, len)| {
-                let bytes = &batch.buf[at..at + len as usize];
-                at += len as usize;
-                (index, bytes)
-            })
-            .collect();
-        let verdicts = w.write_batch(&chunks);
-        drop(chunks);
-        (batch, verdicts)
-    })
-}
-
-/// Sends a written batch's verdicts, then its frames, and empties it;
-/// false when the fetch must stop (a local write failed: it was told).
-fn report(
-    tap: &Tap,
-    batch: &mut Batch,
-    verdicts: Result<Vec<bool>, engine::store::StoreError>,
-) -> bool {
-    let verdicts = match verdicts {
-        Ok(v) => v,
-        Err(e) => {
-            // Only local failures (disk full, IO error) reach here: a
-            // chunk that does not match is a verdict, not an error.
-            let _ = tap
-                .events
-                .send((tap.peer, PeerEvent::LocalError(e.to_string())));
-            return false;
-        }
-    };
-    for (&(request, index, bytes), ok) in batch.chunks.iter().zip(verdicts) {
-        let _ = tap.events.send((
-            tap.peer,
-            PeerEvent::Data {
-                request,
-                index,
-                verdict: if ok { Verdict::Ok } else { Verdict::Bad },
-                bytes,
-            },
-        ));
-    }
-    send_frames(tap, batch);
-    batch.buf.clear();
-    batch.chunks.clear();
-    true
 }
 
 fn send_frames(tap: &Tap, batch: &mut Batch) {

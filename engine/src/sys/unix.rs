@@ -182,28 +182,6 @@ pub fn create_for_writing(path: &Path, direct: bool) -> io::Result<(File, bool)>
     Ok((open(0)?, false))
 }
 
-/// Opens an existing file for direct writes (O_DIRECT on Linux and FreeBSD);
-/// `None` where the platform or the filesystem refuses direct IO.
-pub fn open_direct_writer(path: &Path) -> io::Result<Option<File>> {
-    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
-    {
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
-    {
-        let _ = path;
-        Ok(None)
-    }
-}
-
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`
 /// inside the kernel where it can (`copy_file_range`: no userspace copy, a
 /// reflink on filesystems that share extents), else through a buffer.
