@@ -1255,10 +1255,11 @@ impl Store {
         id: &BlobId,
         chunks: &[(u64, &[u8])],
     ) -> Result<(), StoreError> {
-        if self.record(id)?.state != BlobState::Partial {
-            return Ok(());
-        }
-        let writer = self.partial_writer(id)?;
+        let writer = match self.partial_writer(id) {
+            // Sealed meanwhile: nothing left to write.
+            Err(StoreError::NotPartial(_)) => return Ok(()),
+            w => w?,
+        };
         let verdicts = writer.write_batch(chunks)?;
         if let Some(i) = verdicts.iter().position(|ok| !ok) {
             return Err(StoreError::BadChunk {
