@@ -13,7 +13,8 @@
 //!   credit_bytes: 33554432          # bytes a peer may have requested and not received
 //!   requests_in_flight_max: 16
 //!   requests_per_s: 2000
-//!   connections_per_peer: 4
+//!   connections_per_peer: 8          # inbound, per peer key
+//!   fetch_connections_per_source: 2  # a fetch's connections to each source
 //!   connections_total: 256
 //!   handshake_timeout_ms: 10000
 //!   idle_timeout_ms: 120000
@@ -61,6 +62,12 @@ pub struct Limits {
     pub requests_in_flight_max: u32,
     pub requests_per_s: u64,
     pub connections_per_peer: u32,
+    /// Connections a fetch opens to each source: requests go round robin
+    /// over them, so one source's transfer is not bound to one TLS stream
+    /// (one reader task and one sender task). Measured on a 16-core machine
+    /// (4 GiB from one source): one stream ~0.65 GB/s with no thread busy
+    /// more than ~55%; two or four streams at once 0.85-1.0 GB/s.
+    pub fetch_connections_per_source: u32,
     pub connections_total: u32,
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
@@ -74,7 +81,8 @@ impl Default for Limits {
             credit_bytes: serve.credit_bytes,
             requests_in_flight_max: serve.requests_in_flight_max,
             requests_per_s: serve.requests_per_s,
-            connections_per_peer: 4,
+            connections_per_peer: 8,
+            fetch_connections_per_source: 2,
             connections_total: 256,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
@@ -140,6 +148,9 @@ impl Config {
         self.serve_limits()?;
         if self.limits.connections_per_peer == 0 || self.limits.connections_total == 0 {
             bail!("limits.connections_per_peer and limits.connections_total must be positive");
+        }
+        if !(1..=16).contains(&self.limits.fetch_connections_per_source) {
+            bail!("limits.fetch_connections_per_source must be 1 to 16");
         }
         if self.limits.handshake_timeout_ms == 0 || self.limits.idle_timeout_ms == 0 {
             bail!("limits.handshake_timeout_ms and limits.idle_timeout_ms must be positive");

@@ -223,7 +223,13 @@ fn trio() -> (Envoy, Envoy, Envoy) {
 }
 
 fn pair() -> (Envoy, Envoy) {
-    let (mut a, mut b) = (Envoy::new(), Envoy::new());
+    pair_with("", "")
+}
+
+/// Two envoys that admit each other, started, with `extra_a` and `extra_b`
+/// appended to their configs.
+fn pair_with(extra_a: &str, extra_b: &str) -> (Envoy, Envoy) {
+    let (mut a, mut b) = (Envoy::with_extra(extra_a), Envoy::with_extra(extra_b));
     a.allow(&[&b]);
     b.allow(&[&a]);
     a.start();
@@ -275,6 +281,39 @@ fn fetch_pulls_from_two_sources_at_once() {
         );
     }
     assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+/// A fetch spreads its requests over `fetch_connections_per_source`
+/// connections to a source; a connection the source refuses (its
+/// `connections_per_peer` reached) costs only that connection.
+#[test]
+fn fetch_spreads_over_several_connections_and_survives_a_refused_one() {
+    let (a, b) = pair_with(
+        "limits:\n  connections_per_peer: 2\n",
+        "limits:\n  fetch_connections_per_source: 3\n",
+    );
+    let data = random(40 << 20, 4);
+    let id = a.add(&a.file("blob", &data));
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr()], &out_path);
+    out.expect(OK);
+    assert_eq!(out.json()["bytes_fetched"], data.len() as u64);
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+    assert!(
+        a.wait_log("connections_per_peer (2) reached"),
+        "the third connection was not refused: {}",
+        a.log()
+    );
+    // Both admitted connections carried chunks (logged when they end).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.log().matches("ended: served").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "chunks did not go over two connections: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -395,13 +434,8 @@ fn dead_source_is_skipped() {
 
 #[test]
 fn sigkill_mid_fetch_resumes_without_refetching() {
-    let mut a = Envoy::new();
     // 8 MiB/s: a 48 MiB fetch takes ~6 s, killed after 4 s.
-    let mut b = Envoy::with_extra("rate:\n  download_bytes_per_s: 8388608\n");
-    a.allow(&[&b]);
-    b.allow(&[&a]);
-    a.start();
-    b.start();
+    let (a, mut b) = pair_with("", "rate:\n  download_bytes_per_s: 8388608\n");
     let data = random(48 << 20, 6);
     let id = a.add(&a.file("blob", &data));
     let out_path = b.dir.path().join("out.bin");
@@ -499,13 +533,8 @@ fn store_commands_go_through_the_running_daemon() {
 
 #[test]
 fn fetch_larger_than_free_space_is_refused_up_front() {
-    let mut a = Envoy::new();
     // 1 PiB kept free: no disk here has that.
-    let mut b = Envoy::with_extra("limits:\n  reserve_bytes: 1125899906842624\n");
-    a.allow(&[&b]);
-    b.allow(&[&a]);
-    a.start();
-    b.start();
+    let (a, b) = pair_with("", "limits:\n  reserve_bytes: 1125899906842624\n");
     let id = a.add(&a.file("blob", &random(1 << 20, 9)));
     let out = b.fetch(&id, &[a.addr()], &b.dir.path().join("out.bin"));
     out.expect(ERROR);

@@ -56,24 +56,31 @@ const WRITER_QUEUE: usize = 1024;
 pub(crate) enum PeerEvent {
     /// A non-`Data` frame for the fetch, encoded.
     Frame(Vec<u8>),
-    /// A chunk arrived; `Ok` means it verified and was written.
-    Data {
-        request: wire::RequestId,
-        index: u64,
-        verdict: Verdict,
-        bytes: u32,
-    },
+    /// Chunks arrived (a batch of them, in arrival order); `Ok` means the
+    /// chunk verified and was written.
+    Chunks(Vec<ChunkVerdict>),
     /// Writing a verified chunk failed locally (disk full, IO error): the
     /// fetch must stop, the peer is not at fault.
     LocalError(String),
-    /// The connection ended.
-    Closed(String),
+    /// The connection ended: lane `lane` of its source ([`Tap::lane`]).
+    Closed { lane: u32, why: String },
+}
+
+/// One received chunk's outcome.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkVerdict {
+    pub request: wire::RequestId,
+    pub index: u64,
+    pub verdict: Verdict,
+    pub bytes: u32,
 }
 
 /// The fetch side of a connection: where its answers go.
 #[derive(Clone)]
 pub(crate) struct Tap {
     pub peer: PeerId,
+    /// Which of the fetch's connections to this source this is.
+    pub lane: u32,
     pub events: mpsc::UnboundedSender<(PeerId, PeerEvent)>,
     /// Set once the manifest is known and the partial blob exists.
     pub writer: Arc<OnceLock<Arc<PartialWriter>>>,
@@ -144,7 +151,7 @@ pub(crate) fn start<S>(
     daemon: &Arc<Daemon>,
     stream: S,
     peer: PeerKey,
-    _remote: SocketAddr,
+    remote: SocketAddr,
     tap: Option<Tap>,
 ) -> ConnHandle
 where
@@ -171,6 +178,7 @@ where
         uploader,
         epoch,
         peer,
+        remote,
     ));
     let reader = tokio::spawn(read_loop(Arc::clone(daemon), read, tx, tap.clone(), peer));
     let h = handle.clone();
@@ -188,7 +196,8 @@ where
             .await;
         let _ = writer.await;
         if let Some(tap) = tap {
-            let _ = tap.events.send((tap.peer, PeerEvent::Closed(why)));
+            let lane = tap.lane;
+            let _ = tap.events.send((tap.peer, PeerEvent::Closed { lane, why }));
         }
         h.held.lock().expect("poisoned").clear();
         h.finished.store(true, Ordering::Release);
@@ -398,8 +407,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut uploader: Uploader,
     epoch: Instant,
     peer: PeerKey,
+    remote: SocketAddr,
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write);
+    // (bytes, chunks) served on this connection, for its last log line.
+    let mut served = (0u64, 0u64);
     let hello = uploader.hello(Limits::DEFAULT.frame_bytes_max);
     if w.write_all(&encode(&Frame::Hello(hello))).await.is_err() || w.flush().await.is_err() {
         return;
@@ -478,6 +490,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         w.write_all(payload).await.map_err(|e| e.to_string())?;
                         uploader.handle_sent(now(epoch), request, u64::from(e.len));
                         daemon.upload_sent(u64::from(e.len));
+                        served.0 += u64::from(e.len);
+                        served.1 += 1;
                         daemon.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
                         daemon
                             .stats
@@ -526,6 +540,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+    if served.1 > 0 {
+        tracing::info!(
+            "connection with {peer} ({remote}) ended: served {} bytes in {} chunks",
+            served.0,
+            served.1
+        );
+    }
 }
 
 /// Handles one writer message; `Ok(true)` ends the connection.

@@ -80,7 +80,11 @@ pub struct PeerReport {
 struct Peer {
     addr: String,
     key: Option<String>,
-    conn: Option<ConnHandle>,
+    /// The live connections to this source, by lane (see
+    /// [`crate::config::Limits::fetch_connections_per_source`]): the first
+    /// carries the manifest exchange, requests go round robin. Empty once
+    /// the source is gone.
+    conns: Vec<(u32, ConnHandle)>,
     hello: Option<Hello>,
     /// The peer's latest `Have` for this blob, encoded.
     have: Option<Vec<u8>>,
@@ -95,7 +99,35 @@ struct Peer {
 
 impl Peer {
     fn alive(&self) -> bool {
-        self.conn.is_some()
+        !self.conns.is_empty()
+    }
+
+    /// The connection for frames that are not about one request.
+    fn first(&self) -> Option<&ConnHandle> {
+        self.conns.first().map(|(_, c)| c)
+    }
+
+    /// The connection carrying `request` (and its cancel): chunks and the
+    /// `Reject` acknowledging a cancel then arrive in order on one connection.
+    fn lane(&self, request: wire::RequestId) -> Option<&ConnHandle> {
+        let n = self.conns.len() as u64;
+        (n > 0).then(|| &self.conns[(request.0 % n) as usize].1)
+    }
+
+    /// Forgets lane `lane` (its connection ended); `false` if it was not live.
+    fn drop_lane(&mut self, lane: u32) -> bool {
+        let before = self.conns.len();
+        self.conns.retain(|(l, _)| *l != lane);
+        self.conns.len() < before
+    }
+
+    /// Closes every connection to this source; `false` if none was open.
+    async fn close(&mut self, code: CloseCode, why: &str) -> bool {
+        let had = self.alive();
+        for (_, c) in self.conns.drain(..) {
+            c.close(code, why).await;
+        }
+        had
     }
 }
 
@@ -143,11 +175,12 @@ pub(crate) async fn fetch(
     // 1. Sources.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let writer_slot: Arc<OnceLock<Arc<PartialWriter>>> = Arc::new(OnceLock::new());
-    let intakes = Arc::default();
+    let lanes = daemon.config.limits.fetch_connections_per_source.max(1);
+    let intakes = Arc::new(FetchIntakes::new(lanes as usize));
     let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot, &intakes).await?;
     drop(events_tx);
     for p in peers.values() {
-        if let Some(c) = &p.conn {
+        if let Some(c) = p.first() {
             c.send(encode(&Frame::GetManifest { blob: id })).await;
         }
     }
@@ -216,12 +249,12 @@ pub(crate) async fn fetch(
     loop {
         // Outputs first.
         while let Some((pid, r)) = sched.poll_request(now()) {
-            if let Some(c) = peers.get(&pid).and_then(|p| p.conn.as_ref()) {
+            if let Some(c) = peers.get(&pid).and_then(|p| p.lane(r.id)) {
                 c.send(encode(&Frame::Request(r))).await;
             }
         }
         while let Some((pid, request)) = sched.poll_cancel() {
-            if let Some(c) = peers.get(&pid).and_then(|p| p.conn.as_ref()) {
+            if let Some(c) = peers.get(&pid).and_then(|p| p.lane(request)) {
                 c.send(encode(&Frame::Cancel { request })).await;
             }
         }
@@ -239,23 +272,21 @@ pub(crate) async fn fetch(
                                 "peer {} ({key}) sent a corrupt chunk {chunk_index} of {id}: banned for this blob",
                                 p.addr
                             );
-                            if let Some(c) = &p.conn {
+                            if let Some(c) = p.first() {
                                 c.send(encode(&Frame::BadChunk {
                                     blob: id,
                                     chunk_index,
                                 }))
                                 .await;
-                                c.close(CloseCode::REFUSED, "sent a corrupt chunk").await;
                             }
+                            p.close(CloseCode::REFUSED, "sent a corrupt chunk").await;
                         }
                         BanReason::Protocol(why) => {
                             tracing::warn!(
                                 "peer {} ({key}) broke the protocol ({why}): banned for this blob",
                                 p.addr
                             );
-                            if let Some(c) = &p.conn {
-                                c.close(CloseCode::PROTOCOL, why).await;
-                            }
+                            p.close(CloseCode::PROTOCOL, why).await;
                         }
                     }
                     p.error = Some("banned".into());
@@ -267,9 +298,7 @@ pub(crate) async fn fetch(
                         p.addr
                     );
                     p.error = Some(format!("{reason:?}"));
-                    if let Some(c) = p.conn.take() {
-                        c.close(CloseCode::IDLE, "stalled").await;
-                    }
+                    p.close(CloseCode::IDLE, "stalled").await;
                 }
                 Event::Stalled { chunks_unavailable } => {
                     if peers
@@ -333,28 +362,26 @@ pub(crate) async fn fetch(
         last_event = Instant::now();
         let p = peers.get_mut(&pid).expect("known peer");
         match ev {
-            PeerEvent::Data {
-                request,
-                index,
-                verdict,
-                bytes,
-            } => match sched.handle_data(now(), pid, request, index, verdict) {
-                DataOutcome::Accepted => {
-                    pending.push(index);
-                    pending_bytes += u64::from(bytes);
-                    p.bytes += u64::from(bytes);
-                    p.chunks += 1;
-                    fetched.0 += u64::from(bytes);
-                    fetched.1 += 1;
-                }
-                DataOutcome::Duplicate | DataOutcome::Stale | DataOutcome::Banned => {}
-                DataOutcome::Violation(why) => {
-                    tracing::warn!("peer {} broke the protocol: {why}", p.addr);
-                    if let Some(c) = p.conn.take() {
-                        c.close(CloseCode::PROTOCOL, why).await;
+            PeerEvent::Chunks(verdicts) => {
+                let at = now();
+                for v in verdicts {
+                    match sched.handle_data(at, pid, v.request, v.index, v.verdict) {
+                        DataOutcome::Accepted => {
+                            pending.push(v.index);
+                            pending_bytes += u64::from(v.bytes);
+                            p.bytes += u64::from(v.bytes);
+                            p.chunks += 1;
+                            fetched.0 += u64::from(v.bytes);
+                            fetched.1 += 1;
+                        }
+                        DataOutcome::Duplicate | DataOutcome::Stale | DataOutcome::Banned => {}
+                        DataOutcome::Violation(why) => {
+                            tracing::warn!("peer {} broke the protocol: {why}", p.addr);
+                            p.close(CloseCode::PROTOCOL, why).await;
+                        }
                     }
                 }
-            },
+            }
             PeerEvent::Frame(bytes) => {
                 on_frame(&mut sched, now(), &id, pid, p, &bytes, chunk_count)
             }
@@ -362,12 +389,24 @@ pub(crate) async fn fetch(
                 failure = Some(anyhow!("cannot write {id}: {e}"));
                 break;
             }
-            PeerEvent::Closed(why) => {
-                if p.conn.take().is_some() {
+            PeerEvent::Closed { lane, why } => {
+                let was_live = p.drop_lane(lane);
+                sched.handle_peer_lost(now(), pid);
+                if was_live && p.alive() {
+                    // The requests on that connection are lost: the source
+                    // leaves and joins again over the others (chunks still
+                    // arriving for its earlier requests are then stale).
+                    tracing::info!(
+                        "source {}: a connection closed ({why}); going on with {}",
+                        p.addr,
+                        p.conns.len()
+                    );
+                    p.joined = false;
+                    try_join(&mut sched, now(), pid, p);
+                } else if was_live {
                     tracing::info!("source {} closed: {why}", p.addr);
                     p.error.get_or_insert(why);
                 }
-                sched.handle_peer_lost(now(), pid);
             }
         }
     }
@@ -382,10 +421,8 @@ pub(crate) async fn fetch(
     // The scheduler's per-chunk state is gone: hand its memory back before
     // the seal's index transaction needs some (the receiver's peak).
     crate::sys::release_free_heap();
-    for p in peers.values() {
-        if let Some(c) = &p.conn {
-            c.close(CloseCode::NORMAL, "").await;
-        }
+    for p in peers.values_mut() {
+        p.close(CloseCode::NORMAL, "").await;
     }
     if let Some(f) = failure {
         return Err(f);
@@ -456,11 +493,13 @@ async fn dial_all(
     if from.is_empty() {
         bail!("no source given (--from HOST:PORT[,HOST:PORT…])");
     }
+    let lanes = intakes.lanes() as u32;
     let mut tasks = tokio::task::JoinSet::new();
     for (i, addr) in from.iter().enumerate() {
         let pid = PeerId(i as u64);
         let tap = Tap {
             peer: pid,
+            lane: 0,
             events: events.clone(),
             writer: Arc::clone(writer),
             intakes: Arc::clone(intakes),
@@ -474,7 +513,28 @@ async fn dial_all(
                     .with_context(|| format!("cannot resolve {addr}"))?
                     .next()
                     .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
-                daemon.dial(sock, tap).await
+                // The first connection decides whether the source is usable;
+                // the others only add lanes (a refused one is logged).
+                let first = daemon.dial(sock, tap.clone()).await?;
+                let mut extra = tokio::task::JoinSet::new();
+                for lane in 1..lanes {
+                    let daemon = Arc::clone(&daemon);
+                    let tap = Tap {
+                        lane,
+                        ..tap.clone()
+                    };
+                    extra.spawn(async move { (lane, daemon.dial(sock, tap).await) });
+                }
+                let mut conns = vec![(0, first)];
+                while let Some(r) = extra.join_next().await {
+                    match r.context("dial task failed")? {
+                        (lane, Ok(c)) if c.peer == conns[0].1.peer => conns.push((lane, c)),
+                        (_, Ok(c)) => c.close(CloseCode::NORMAL, "another host answered").await,
+                        (_, Err(e)) => tracing::warn!("source {addr}: one connection fewer: {e:#}"),
+                    }
+                }
+                conns.sort_by_key(|(lane, _)| *lane);
+                Ok::<_, anyhow::Error>(conns)
             }
             .await;
             (pid, addr, r)
@@ -483,19 +543,19 @@ async fn dial_all(
     let mut peers = BTreeMap::new();
     while let Some(joined) = tasks.join_next().await {
         let (pid, addr, r) = joined.context("dial task failed")?;
-        let (conn, error) = match r {
-            Ok(c) => (Some(c), None),
+        let (conns, error) = match r {
+            Ok(c) => (c, None),
             Err(e) => {
                 tracing::warn!("cannot use source {addr}: {e:#}");
-                (None, Some(format!("{e:#}")))
+                (Vec::new(), Some(format!("{e:#}")))
             }
         };
         peers.insert(
             pid,
             Peer {
                 addr,
-                key: conn.as_ref().map(|c| c.peer.to_string()),
-                conn,
+                key: conns.first().map(|(_, c)| c.peer.to_string()),
+                conns,
                 hello: None,
                 have: None,
                 root_answered: false,
@@ -545,7 +605,7 @@ async fn receive_manifest(
             let missing: Vec<u32> = asm.pages_missing().collect();
             for (i, page) in missing.into_iter().enumerate() {
                 let pid = holders[i % holders.len()];
-                if let Some(c) = &peers[&pid].conn {
+                if let Some(c) = peers[&pid].first() {
                     c.send(encode(&Frame::GetManifestPage { blob: *id, page }))
                         .await;
                 }
@@ -561,16 +621,18 @@ async fn receive_manifest(
         let p = peers.get_mut(&pid).expect("known peer");
         let bytes = match ev {
             PeerEvent::Frame(b) => b,
-            PeerEvent::Closed(why) => {
-                p.conn = None;
-                p.error.get_or_insert(why);
+            PeerEvent::Closed { lane, why } => {
+                p.drop_lane(lane);
+                if !p.alive() {
+                    p.error.get_or_insert(why);
+                }
                 if pages_asked && asm.pages_missing().next().is_some() {
                     // Ask the survivors for everything still missing.
                     pages_asked = false;
                 }
                 continue;
             }
-            PeerEvent::Data { .. } | PeerEvent::LocalError(_) => continue,
+            PeerEvent::Chunks(_) | PeerEvent::LocalError(_) => continue,
         };
         let Some(frame) = decode_one(&bytes) else {
             continue;
@@ -579,25 +641,22 @@ async fn receive_manifest(
             tracing::warn!("source {} sent a bad manifest part for {id}: {why}", p.addr);
             p.error = Some(why);
             p.banned = true;
-            p.conn.take()
         };
         match frame {
             Frame::Hello(h) => p.hello = Some(h),
             Frame::ManifestRoot { blob, root } if blob == *id => {
                 p.root_answered = true;
                 if let Err(e) = asm.handle_root(root) {
-                    if let Some(c) = bad(p, format!("root: {e}")) {
-                        c.close(CloseCode::PROTOCOL, "bad manifest root").await;
-                    }
+                    bad(p, format!("root: {e}"));
+                    p.close(CloseCode::PROTOCOL, "bad manifest root").await;
                 } else if pages_asked {
                     // A late holder: it can serve pages another peer owes.
                 }
             }
             Frame::ManifestPage { blob, page, bytes } if blob == *id => {
                 if let Err(e) = asm.handle_page(page, bytes) {
-                    if let Some(c) = bad(p, format!("page {page}: {e}")) {
-                        c.close(CloseCode::PROTOCOL, "bad manifest page").await;
-                    }
+                    bad(p, format!("page {page}: {e}"));
+                    p.close(CloseCode::PROTOCOL, "bad manifest page").await;
                     pages_asked = false;
                 }
             }
