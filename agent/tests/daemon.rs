@@ -283,14 +283,14 @@ fn fetch_pulls_from_two_sources_at_once() {
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
-/// A fetch spreads its requests over `fetch_connections_per_source`
-/// connections to a source; a connection the source refuses (its
+/// A fetch spreads its requests over `fetch_connections` connections to
+/// its one source; a connection the source refuses (its
 /// `connections_per_peer` reached) costs only that connection.
 #[test]
 fn fetch_spreads_over_several_connections_and_survives_a_refused_one() {
     let (a, b) = pair_with(
         "limits:\n  connections_per_peer: 2\n",
-        "limits:\n  fetch_connections_per_source: 3\n",
+        "limits:\n  fetch_connections: 3\n",
     );
     let data = random(40 << 20, 4);
     let id = a.add(&a.file("blob", &data));

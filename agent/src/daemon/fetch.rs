@@ -81,7 +81,7 @@ struct Peer {
     addr: String,
     key: Option<String>,
     /// The live connections to this source, by lane (see
-    /// [`crate::config::Limits::fetch_connections_per_source`]): the first
+    /// [`crate::config::Limits::fetch_connections`]): the first
     /// carries the manifest exchange, requests go round robin. Empty once
     /// the source is gone.
     conns: Vec<(u32, ConnHandle)>,
@@ -175,8 +175,10 @@ pub(crate) async fn fetch(
     // 1. Sources.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let writer_slot: Arc<OnceLock<Arc<PartialWriter>>> = Arc::new(OnceLock::new());
-    let lanes = daemon.config.limits.fetch_connections_per_source.max(1);
-    let intakes = Arc::new(FetchIntakes::new(lanes as usize));
+    let lanes = (daemon.config.limits.fetch_connections as usize)
+        .div_ceil(req.from.len().max(1))
+        .max(1);
+    let intakes = Arc::new(FetchIntakes::new(lanes));
     let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot, &intakes).await?;
     drop(events_tx);
     for p in peers.values() {

@@ -41,7 +41,8 @@ use crate::tls::{self, AllowList, PeerVerifier};
 
 pub use fetch::FetchOutcome;
 
-/// Burst of the daemon-wide upload bucket (at most one second's worth).
+/// Least default burst of the daemon-wide upload bucket (see
+/// `rate.upload_burst_bytes`).
 const UPLOAD_BURST_BYTES: u64 = 4 << 20;
 
 /// Decoded manifest pages kept per served blob: admission (first and last
@@ -154,7 +155,10 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
             Mutex::new(substrate::rate::TokenBucket::new(
                 substrate::Timestamp::ZERO,
                 rate,
-                UPLOAD_BURST_BYTES.min(rate),
+                config
+                    .rate
+                    .upload_burst_bytes
+                    .unwrap_or((rate / 2).max(UPLOAD_BURST_BYTES)),
             ))
         }),
         epoch: std::time::Instant::now(),

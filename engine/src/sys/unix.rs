@@ -121,8 +121,9 @@ pub fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Starts writing back the dirty pages of `[offset, offset + len)` without
-/// waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability
+/// Starts writing back the dirty pages of `[offset, offset + len)` (`len` 0:
+/// to the end of the file) without waiting (Linux
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability
 /// point: it keeps the disk busy while data streams in, instead of letting
 /// the page cache collect it until the next `fdatasync` (or the kernel's
 /// background threshold, gigabytes on a large machine) writes it in a burst.
