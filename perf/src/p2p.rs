@@ -1554,8 +1554,8 @@ fn summarize(
     );
 
     report.notes.push(
-        "fsync: `envoy fetch` ends with the blob durable in the receiver's store (fdatasync per \
-         batch, fsync at seal); `envoy fetch --out` also fsyncs the exported file before its \
+        "fsync: `envoy fetch` ends with the blob durable in the receiver's store (fdatasync at \
+         each commit, every 256 MiB or 2 s, and at seal); `envoy fetch --out` also fsyncs the exported file before its \
          rename; sendme's time includes a `sync` after `sendme receive` exits (an untimed `sync` \
          precedes every run), so both sides of p2p_vs_sendme end with the file on disk"
             .to_owned(),
