@@ -3,24 +3,24 @@
 //! A connection's reader decrypts and decodes; everything after that
 //! (BLAKE3 of each chunk, the write at its offset) runs here, on tokio's
 //! blocking pool, up to [`WRITERS`] batches at a time per connection. So the
-//! halves of receiving run on several cores at once, and a batch is verified and written
-//! as one ([`PartialWriter::write_batch`]: SIMD lanes across its chunks, one
+//! halves of receiving run on several cores at once, and a batch is verified
+//! and written as one ([`PartialWriter::write_batch`]: SIMD lanes across its chunks, one
 //! vectored write per run of consecutive chunks).
 //!
 //! Batches fill up to [`BATCH_BYTES`] shared among the sources of a fetch
 //! (several sources: smaller batches each, at least [`BATCH_BYTES_MIN`];
-//! each of a source's connections gets the source's size), but never wait for that while the disk side is
-//! idle: when the reader has decoded everything it read and a writer is
-//! free, it hands over what it has. At most [`BATCHES_MAX`] batches exist
+//! each of a source's connections gets the source's size), but never wait
+//! for that while the disk side is idle: when the reader has decoded
+//! everything it read and a writer is free, it hands over what it has. At most [`BATCHES_MAX`] batches exist
 //! per connection (one filling, one queued, [`WRITERS`] being written),
 //! recycled, so memory is fixed and no buffer is allocated per batch.
 //!
 //! Verdicts travel to the fetch in arrival order, one event per batch
 //! ([`PeerEvent::Chunks`]; per chunk, the fetch's loop ran 430 k times for a
 //! 4 GiB blob), after the batch is written (or its chunks found bad): batches
-//! written at once report in the order they were received. Every other frame for the fetch that arrives
-//! while chunks are pending travels behind them ([`Intake::push_frame`]):
-//! the fetch must see a `Reject` acknowledging a cancel after the chunks the
+//! written at once report in the order they were received. Every other frame
+//! for the fetch that arrives while chunks are pending travels behind them
+//! ([`Intake::push_frame`]): the fetch must see a `Reject` acknowledging a cancel after the chunks the
 //! peer sent before it, or the scheduler forgets the request first and
 //! bans the peer for "data for a request not outstanding" (seen once on a
 //! 16-core machine, three sources, in the endgame). [`Intake::finish`]
@@ -38,9 +38,9 @@ use tokio::sync::mpsc;
 use super::conn::{ChunkVerdict, PeerEvent, Tap};
 
 /// A batch is handed over once it holds this many payload bytes, divided by
-/// the connections receiving for the same fetch: with three sources the
-/// receiver holds three times the batches, and a third of the size each
-/// keeps its memory that of one (measured: 2 GiB from three sources, peak
+/// the sources of the same fetch: with three sources the receiver holds
+/// three times the batches, and a third of the size each keeps its memory
+/// that of one (measured: 2 GiB from three sources, peak
 /// RssAnon 5.5 MiB above one source with 1 MiB each).
 pub(crate) const BATCH_BYTES: usize = 1 << 20;
 /// The smallest batch, however many sources share a fetch.
@@ -134,11 +134,7 @@ impl Live {
         // many sources there are. Smaller batches per connection cost more
         // than they save: 2 connections of 512 KiB batches took 4.6-6.9 s
         // starting writeback for 4 GiB on two cores, 1 MiB ones 1.3-2.2 s.
-        let sources = self
-            .0
-            .live
-            .load(Ordering::Relaxed)
-            .div_ceil(self.0.lanes.max(1));
+        let sources = self.0.live.load(Ordering::Relaxed).div_ceil(self.0.lanes());
         (BATCH_BYTES / sources.max(1)).max(BATCH_BYTES_MIN)
     }
 }
