@@ -13,7 +13,7 @@
 //!   credit_bytes: 33554432          # bytes a peer may have requested and not received
 //!   requests_in_flight_max: 16
 //!   requests_per_s: 2000
-//!   connections_per_peer: 8          # inbound, per peer key
+//!   connections_per_peer: 8          # per peer key, inbound and dialed together
 //!   fetch_connections: 2             # a fetch's connections, spread over its sources (one each at least)
 //!   connections_total: 256
 //!   handshake_timeout_ms: 10000
