@@ -88,7 +88,8 @@ pub enum Command {
         /// Sources, HOST:PORT, comma-separated or repeated.
         #[arg(long, required = true, value_delimiter = ',')]
         from: Vec<String>,
-        /// Also write the blob to PATH (by this process, atomically).
+        /// Also write the blob to PATH (by this process, atomically), as it
+        /// arrives: the export overlaps the fetch.
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
     },
@@ -202,23 +203,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     socket.display()
                 );
             };
+            // With --out the daemon streams the blob back as it verifies and
+            // writes it, and this process writes the file.
             let request = Request::Fetch(FetchRequest {
-                id: id.clone(),
+                id,
                 from,
                 json: g.json,
+                stream: out.is_some(),
             });
-            let code = control::call(stream, &request, Sink::Stdout)?;
-            if code != exit::OK {
-                return Ok(code);
-            }
-            let Some(path) = out else { return Ok(code) };
-            let stream = control::connect(&socket)?
-                .ok_or_else(|| anyhow::anyhow!("the daemon stopped before the export"))?;
-            let cat = Request::Store {
-                cmd: StoreCommand::Cat { id },
-                json: false,
-            };
-            control::call(stream, &cat, Sink::File(path))
+            let sink = out.map_or(Sink::Stdout, Sink::Data);
+            control::call(stream, &request, sink)
         }
         Command::Id => {
             let config = config()?;

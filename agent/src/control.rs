@@ -5,6 +5,8 @@
 //! Both directions carry frames `[u32 LE body length][u8 kind][body]`:
 //! - `R` (client → daemon, once): the request, JSON ([`Request`]).
 //! - `O` / `E`: bytes for the client's stdout / stderr.
+//! - `D`: bytes of the file a `fetch --out` writes, in order, as the fetch
+//!   verifies and writes them (the export overlaps the fetch).
 //! - `P`: progress, JSON `{"label","done","total"}`.
 //! - `X`: the end; one byte, the command's exit code.
 //!
@@ -13,8 +15,8 @@
 //! are owned by that uid. Commands that name a path the daemon would open
 //! (`store add`, `store assemble`) are served only for root or the daemon's
 //! own user; `store export` and `fetch --out` are written by the client
-//! itself from a verified stream (`O` frames), so the daemon never writes a
-//! user's file.
+//! itself from a verified stream (`O` or `D` frames), so the daemon never
+//! writes a user's file.
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -34,6 +36,7 @@ pub const OUTPUT_SLICE_BYTES: usize = 256 << 10;
 pub const KIND_REQUEST: u8 = b'R';
 pub const KIND_STDOUT: u8 = b'O';
 pub const KIND_STDERR: u8 = b'E';
+pub const KIND_DATA: u8 = b'D';
 pub const KIND_PROGRESS: u8 = b'P';
 pub const KIND_EXIT: u8 = b'X';
 
@@ -50,6 +53,10 @@ pub struct FetchRequest {
     pub id: String,
     pub from: Vec<String>,
     pub json: bool,
+    /// Stream the blob's bytes back as `D` frames while it is fetched
+    /// (`fetch --out`): pieces are then fetched in blob order.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,8 +76,9 @@ pub fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> io::Result<()> 
     w.write_all(body)
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+/// Reads one frame's body into `body` (reusing its allocation); returns its
+/// kind, `None` at a clean end of stream.
+pub fn read_frame_into(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<Option<u8>> {
     let mut head = [0u8; 5];
     match r.read_exact(&mut head) {
         Ok(()) => {}
@@ -84,9 +92,9 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
             format!("control frame of {len} bytes exceeds {FRAME_BYTES_MAX}"),
         ));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    Ok(Some((head[4], body)))
+    body.resize(len as usize, 0);
+    r.read_exact(body)?;
+    Ok(Some(head[4]))
 }
 
 /// Connects to a running daemon; `Ok(None)` when none listens there (no
@@ -106,12 +114,16 @@ pub fn connect(socket: &Path) -> Result<Option<UnixStream>> {
     }
 }
 
-/// Where the client puts the bytes of `O` frames.
+/// Where the client puts the bytes of `O` and `D` frames.
 pub enum Sink {
+    /// `O` to stdout; `D` is refused.
     Stdout,
-    /// A file written atomically: a temp file beside it, fsync, rename,
-    /// fsync of the directory, only after the daemon reported success.
+    /// `O` to a file written atomically: a temp file beside it, fsync,
+    /// rename, fsync of the directory, only after the daemon reported
+    /// success.
     File(PathBuf),
+    /// `O` to stdout, `D` to a file written as [`Sink::File`]'s.
+    Data(PathBuf),
 }
 
 /// Sends `request` and relays the daemon's answer: stdout bytes to `sink`,
@@ -121,22 +133,27 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
     let body = serde_json::to_vec(request).context("cannot encode request")?;
     write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
     let mut temp = match &sink {
-        Sink::File(path) => Some(TempOut::create(path)?),
+        Sink::File(path) | Sink::Data(path) => Some(TempOut::create(path)?),
         Sink::Stdout => None,
     };
     let mut stdout = io::stdout().lock();
     let bar = io::stderr().is_terminal().then(new_bar);
     let mut stderr = io::stderr();
     let mut reader = io::BufReader::with_capacity(OUTPUT_SLICE_BYTES + 8, &mut stream);
+    let mut body = Vec::new();
     let code = loop {
-        let Some((kind, body)) = read_frame(&mut reader).context("lost the daemon's answer")?
+        let Some(kind) =
+            read_frame_into(&mut reader, &mut body).context("lost the daemon's answer")?
         else {
             bail!("the daemon closed the connection before answering (did it stop?)");
         };
         match kind {
-            KIND_STDOUT => match match &mut temp {
-                Some(t) => t.write_all(&body),
-                None => stdout.write_all(&body),
+            KIND_STDOUT | KIND_DATA => match match (&mut temp, &sink, kind) {
+                (Some(t), Sink::File(_), KIND_STDOUT) | (Some(t), Sink::Data(_), KIND_DATA) => {
+                    t.write_all(&body)
+                }
+                (_, Sink::Stdout | Sink::Data(_), KIND_STDOUT) => stdout.write_all(&body),
+                _ => bail!("the daemon sent file bytes where none were asked for"),
             } {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit::OK),
@@ -255,14 +272,17 @@ mod tests {
         write_frame(&mut buf, KIND_STDOUT, b"hello").unwrap();
         write_frame(&mut buf, KIND_EXIT, &[3]).unwrap();
         let mut r = &buf[..];
+        let mut body = Vec::new();
         assert_eq!(
-            read_frame(&mut r).unwrap(),
-            Some((KIND_STDOUT, b"hello".to_vec()))
+            read_frame_into(&mut r, &mut body).unwrap(),
+            Some(KIND_STDOUT)
         );
-        assert_eq!(read_frame(&mut r).unwrap(), Some((KIND_EXIT, vec![3])));
-        assert_eq!(read_frame(&mut r).unwrap(), None);
+        assert_eq!(body, b"hello");
+        assert_eq!(read_frame_into(&mut r, &mut body).unwrap(), Some(KIND_EXIT));
+        assert_eq!(body, [3]);
+        assert_eq!(read_frame_into(&mut r, &mut body).unwrap(), None);
         let mut big = (FRAME_BYTES_MAX + 1).to_le_bytes().to_vec();
         big.push(KIND_STDOUT);
-        assert!(read_frame(&mut &big[..]).is_err());
+        assert!(read_frame_into(&mut &big[..], &mut body).is_err());
     }
 }

@@ -680,6 +680,56 @@ fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
+/// `fetch --out` writes the file while the fetch goes on: the receiver is
+/// held to 4 MiB/s, so 32 MiB take ~7 s, and a quarter of the file must be
+/// written while the blob is still partial in the receiver's store.
+#[test]
+fn fetch_out_writes_the_file_while_fetching() {
+    let (a, b) = pair_with("", "rate:\n  download_bytes_per_s: 4194304\n");
+    let data = random(32 << 20, 13);
+    let id = a.add(&a.file("blob", &data));
+    let out_path = b.dir.path().join("out.bin");
+    let temp = b.dir.path().join(".out.bin.vigo-partial");
+    let mut fetching = b
+        .cmd(&["fetch", &id, "--from", &a.addr(), "--out"])
+        .arg(&out_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut overlapped = false;
+    while fetching.try_wait().unwrap().is_none() {
+        let written = fs::metadata(&temp).map_or(0, |m| m.len());
+        if written >= 8 << 20 {
+            let ls = run(b.cmd(&["--json", "store", "ls"]));
+            ls.expect(OK);
+            let listed = ls.json();
+            let state = listed
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["id"] == id.as_str()))
+                .map(|x| x["state"].clone());
+            assert_eq!(
+                state,
+                Some(Value::from("partial")),
+                "{written} bytes written out: the blob should still be arriving"
+            );
+            overlapped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = fetching.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(overlapped, "the file was written only after the fetch");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+    assert!(!temp.exists());
+}
+
 #[test]
 fn upload_limit_holds_across_all_peers_together() {
     // A uploads at most 4 MiB/s in total (burst 4 MiB). B and C fetch 8 MiB

@@ -1505,6 +1505,18 @@ impl PageCache {
         if page as usize >= root.pages.len() {
             return Ok(None);
         }
+        let entries = self.page(store, id, root, page)?;
+        Ok(entries.get((index % per_page) as usize).copied())
+    }
+
+    /// Every entry of page `page` (which must exist) of blob `id`.
+    pub fn page(
+        &self,
+        store: &Store,
+        id: &BlobId,
+        root: &ManifestRoot,
+        page: u32,
+    ) -> Result<std::sync::Arc<Vec<ChunkEntry>>, StoreError> {
         let cached = {
             let pages = self.pages.lock().expect("page cache poisoned");
             pages
@@ -1524,7 +1536,7 @@ impl PageCache {
                 e
             }
         };
-        Ok(entries.get((index % per_page) as usize).copied())
+        Ok(entries)
     }
 }
 
@@ -1653,6 +1665,7 @@ impl Store {
         }
         let path = self.partial_path(id);
         let file = File::options()
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(StoreError::io("cannot open", &path))?;
@@ -1707,6 +1720,84 @@ impl PartialWriter {
             .map(|&(index, _)| self.entry(index))
             .collect::<Result<Vec<_>, _>>()?;
         verify_and_write(&self.file, &self.path, chunks, &entries, &self.timings)
+    }
+
+    /// Reads chunks `chunks` back from the blob's file, each of which must
+    /// already be there (written by [`PartialWriter::write_batch`], resumed,
+    /// or copied from a local blob), verifies each against its manifest
+    /// entry and hands them to `sink` in blob order, in buffers of whole
+    /// consecutive chunks of at most `span_bytes` (a larger chunk alone).
+    /// A chunk that does not match stops the read with
+    /// [`StoreError::Corrupt`] and is never handed out. Works after
+    /// [`PartialWriter::seal`] too (the sealed file is the same file): an
+    /// export can follow a fetch as it writes (`envoy fetch --out`).
+    pub fn read_written(
+        &self,
+        chunks: std::ops::Range<u64>,
+        span_bytes: usize,
+        sink: &mut dyn FnMut(Vec<u8>) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
+        let mut next = chunks.start;
+        let mut hashes = Vec::new();
+        while next < chunks.end {
+            let page = u32::try_from(next / per_page)
+                .ok()
+                .filter(|&p| (p as usize) < self.root.pages.len())
+                .ok_or(StoreError::BadChunk {
+                    id: self.id,
+                    index: next,
+                })?;
+            let entries = self.pages.page(&self.store, &self.id, &self.root, page)?;
+            let page_first = u64::from(page) * per_page;
+            let page_end = page_first + entries.len() as u64;
+            if next >= page_end {
+                return Err(StoreError::BadChunk {
+                    id: self.id,
+                    index: next,
+                });
+            }
+            let page_end = page_end.min(chunks.end);
+            let entry = |c: u64| entries[(c - page_first) as usize];
+            while next < page_end {
+                let mut end = next + 1;
+                let mut bytes = entry(next).len as usize;
+                while end < page_end && bytes + entry(end).len as usize <= span_bytes {
+                    bytes += entry(end).len as usize;
+                    end += 1;
+                }
+                let span = &entries[(next - page_first) as usize..(end - page_first) as usize];
+                let mut buf = vec![0u8; bytes];
+                self.file
+                    .read_exact_at(&mut buf, span[0].offset)
+                    .map_err(StoreError::io("cannot read", &self.path))?;
+                let mut msgs = Vec::with_capacity(span.len());
+                let mut at = 0usize;
+                for e in span {
+                    msgs.push(&buf[at..at + e.len as usize]);
+                    at += e.len as usize;
+                }
+                hashes.resize(span.len(), [0u8; 32]);
+                sys::hash_batch::hash_batch(&msgs, &mut hashes);
+                if let Some(bad) = span.iter().zip(&hashes).position(|(e, h)| e.hash.0 != *h) {
+                    let e = span[bad];
+                    return Err(StoreError::Corrupt {
+                        id: self.id,
+                        index: next + bad as u64,
+                        offset: e.offset,
+                        len: e.len,
+                    });
+                }
+                drop(msgs);
+                sink(buf).map_err(|e| StoreError::Io {
+                    op: "cannot write output",
+                    path: PathBuf::from("-"),
+                    source: e,
+                })?;
+                next = end;
+            }
+        }
+        Ok(())
     }
 
     /// Where [`PartialWriter::write_batch`] spent its time so far.

@@ -255,6 +255,80 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
     }
 }
 
+/// What `fetch --out` streams while the fetch goes on: chunks read back
+/// from the partial file, verified, in blob order, in spans of whole chunks
+/// bounded in size; after the seal from the same file; a chunk corrupted on
+/// disk stops the read before it is handed out.
+#[test]
+fn partial_writer_reads_back_what_it_wrote() {
+    let params = ChunkerParams::with_avg(4096).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let data = random(&mut rng, 3 << 20);
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let id = m.id();
+    let entries = m.entries().unwrap();
+    let n = entries.len() as u64;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let store = std::sync::Arc::new(Store::open(&dir, StoreOptions::default()).unwrap());
+    store.begin_partial(&m, &owner()).unwrap();
+    let writer = store.partial_writer(&id).unwrap();
+    let bytes_of = |i: u64| {
+        let e = entries[i as usize];
+        &data[e.offset as usize..e.end() as usize]
+    };
+    let half = n / 2;
+    let batch: Vec<(u64, &[u8])> = (0..half).map(|i| (i, bytes_of(i))).collect();
+    assert!(writer.write_batch(&batch).unwrap().iter().all(|&ok| ok));
+    let span = 64 << 10;
+    let read = |range: std::ops::Range<u64>| {
+        let mut out = Vec::new();
+        let mut spans = Vec::new();
+        let r = writer.read_written(range, span, &mut |buf| {
+            spans.push(buf.len());
+            out.extend_from_slice(&buf);
+            Ok(())
+        });
+        (r, out, spans)
+    };
+    let (r, out, spans) = read(0..half);
+    r.unwrap();
+    let half_bytes = entries[half as usize].offset as usize;
+    assert_eq!(out, data[..half_bytes]);
+    assert!(
+        spans.len() > 1 && spans.iter().all(|&s| s <= span),
+        "{spans:?}"
+    );
+
+    let batch: Vec<(u64, &[u8])> = (half..n).map(|i| (i, bytes_of(i))).collect();
+    assert!(writer.write_batch(&batch).unwrap().iter().all(|&ok| ok));
+    writer.commit(&(0..n).collect::<Vec<_>>()).unwrap();
+    writer.seal().unwrap();
+    let (r, out, _) = read(half..n);
+    r.unwrap();
+    assert_eq!(out, data[half_bytes..], "read after the seal");
+
+    // One byte flipped on disk in chunk `bad`: everything before it comes
+    // out, it does not.
+    let bad = half + 3;
+    let e = entries[bad as usize];
+    let path = dir.join("blobs").join(id.to_hex());
+    let mut file = fs::read(&path).unwrap();
+    file[e.offset as usize + 1] ^= 0x40;
+    fs::write(&path, &file).unwrap();
+    let (r, out, _) = read(half..n);
+    match r {
+        Err(StoreError::Corrupt { index, .. }) => assert_eq!(index, bad),
+        other => panic!("expected a corrupt chunk, got {other:?}"),
+    }
+    assert!(out.len() <= (e.offset as usize - half_bytes));
+    assert_eq!(out, data[half_bytes..half_bytes + out.len()]);
+    assert!(matches!(
+        writer.read_written(n..n + 1, span, &mut |_| Ok(())),
+        Err(StoreError::BadChunk { .. })
+    ));
+}
+
 /// The receiving path of a fetch: batches verified and written by a
 /// `PartialWriter` (bad and out-of-range chunks refused per chunk), commits
 /// that write the chunk rows of completed pages as they go, and a seal that

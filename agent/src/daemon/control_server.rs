@@ -8,10 +8,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use engine::store::StoreError;
 
 use super::Daemon;
-use super::fetch;
+use super::fetch::{self, FetchOutcome};
 use crate::cli::{StoreCommand, exit};
 use crate::control::{self, ProgressReport, Request};
 use crate::store_cmd::{self, Ctx, ProgressFn, ProgressTo};
@@ -242,7 +244,26 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
             let json = req.json;
             let report = progress_frames(&frames);
             let progress = move |label: &str, done, total| report(label, done, total);
-            let result = fetch::fetch(Arc::clone(&daemon), req, uid, progress).await;
+            let (written, follower) = if req.stream {
+                let (tx, rx) = watch::channel(fetch::Written::default());
+                let follower = tokio::spawn(follow(rx, frames.clone()));
+                (Some(tx), Some(follower))
+            } else {
+                (None, None)
+            };
+            let mut result = fetch::fetch(Arc::clone(&daemon), req, uid, progress, written).await;
+            if let Some(follower) = follower {
+                let streamed = follower
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("export task failed: {e}")));
+                result = match (result, streamed) {
+                    (Ok(outcome), Ok(sent)) => stream_rest(&daemon, &outcome, sent, &frames)
+                        .await
+                        .map(|()| outcome),
+                    (Ok(_), Err(e)) => Err(e),
+                    (Err(e), _) => Err(e),
+                };
+            }
             crate::sys::release_free_heap();
             match result {
                 Ok(outcome) => {
@@ -283,9 +304,75 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                         .0
                         .send((control::KIND_STDERR, text.into_bytes()))
                         .await;
-                    exit::ERROR
+                    match e.downcast_ref::<StoreError>() {
+                        Some(StoreError::Corrupt { .. }) => exit::CORRUPT,
+                        _ => exit::ERROR,
+                    }
                 }
             }
         }
     }
+}
+
+/// Bytes per `D` frame a fetch's export sends: whole chunks, below the
+/// daemon's mmap threshold (`crate::sys`), so the buffers come from the heap
+/// instead of a fresh mapping (and its page faults) each.
+const DATA_SPAN_BYTES: usize = 120 << 10;
+
+/// Streams a fetch's blob to the client as `D` frames, following the
+/// fetch's gap-free prefix ([`fetch::Written`]) until the fetch ends (drops
+/// its sender). Returns the chunks sent. Each chunk is read back from the
+/// blob's file and verified again on the way out, as every export is.
+async fn follow(mut written: watch::Receiver<fetch::Written>, frames: Frames) -> Result<u64> {
+    let mut sent = 0u64;
+    loop {
+        let w = written.borrow_and_update().clone();
+        if let Some(writer) = w.writer
+            && w.prefix > sent
+        {
+            let frames = frames.clone();
+            let range = sent..w.prefix;
+            tokio::task::spawn_blocking(move || {
+                writer.read_written(range, DATA_SPAN_BYTES, &mut |buf| {
+                    frames.send_blocking(control::KIND_DATA, buf)
+                })
+            })
+            .await
+            .context("export task failed")??;
+            sent = w.prefix;
+        } else if written.changed().await.is_err() {
+            return Ok(sent);
+        }
+    }
+}
+
+/// What [`follow`] could not stream: a blob that was complete here before
+/// the fetch is exported whole from the store.
+async fn stream_rest(
+    daemon: &Arc<Daemon>,
+    outcome: &FetchOutcome,
+    sent: u64,
+    frames: &Frames,
+) -> Result<()> {
+    if sent == outcome.chunks {
+        return Ok(());
+    }
+    if sent != 0 {
+        bail!(
+            "the export stopped after {sent} of {} chunks of {}",
+            outcome.chunks,
+            outcome.id
+        );
+    }
+    let id = outcome.id.parse().context("fetched blob id")?;
+    let store = Arc::clone(&daemon.store);
+    let frames = frames.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut data = FrameWriter::new(frames, control::KIND_DATA);
+        store.read_verified(&id, None, &mut |bytes| data.write_all(bytes))?;
+        data.flush()?;
+        Ok(())
+    })
+    .await
+    .context("export task failed")?
 }

@@ -17,6 +17,11 @@
 //!    durable and recorded present (one fsync for many chunks): a SIGKILL
 //!    loses at most that window, and a new fetch resumes from the rest.
 //! 5. When complete: final commit, seal, report.
+//!
+//! A fetch asked to stream (`fetch --out`) takes equally rare pieces in blob
+//! order and publishes how far its blob is written without a gap
+//! ([`Written`]), so the export can follow the fetch instead of starting
+//! after the seal.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,7 +36,7 @@ use engine::store::{BlobState, Owner, PartialWriter, StoreError};
 use serde::Serialize;
 use substrate::sched::{BanReason, DataOutcome, Event, PeerCredit, PeerId, SchedConfig, Scheduler};
 use substrate::wire::{self, CloseCode, Frame, Hello, Limits, ManifestAssembler};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::Daemon;
 use super::conn::{ConnHandle, PeerEvent, Tap, encode};
@@ -133,11 +138,24 @@ impl Peer {
 
 type Events = mpsc::UnboundedReceiver<(PeerId, PeerEvent)>;
 
+/// How far a fetch has its blob in the file without a gap: chunks
+/// `0..prefix` are verified and written (not necessarily durable yet).
+#[derive(Clone, Default)]
+pub(crate) struct Written {
+    /// The blob's writer; `None` until the partial blob exists (and for a
+    /// blob that was already complete).
+    pub writer: Option<Arc<PartialWriter>>,
+    pub prefix: u64,
+}
+
+/// Fetches `req.id`; with `written`, publishes its in-order progress there
+/// (see [`Written`]) and fetches equally rare pieces in blob order.
 pub(crate) async fn fetch(
     daemon: Arc<Daemon>,
     req: FetchRequest,
     uid: u32,
     progress: impl Fn(&str, u64, u64) + Send + Sync,
+    written: Option<watch::Sender<Written>>,
 ) -> Result<FetchOutcome> {
     let started = Instant::now();
     let id: BlobId = req
@@ -231,11 +249,30 @@ pub(crate) async fn fetch(
         download_bytes_per_s: daemon.config.rate.download_bytes_per_s,
         seed: u64::from_le_bytes(daemon.host.0[..8].try_into().expect("8 bytes"))
             ^ epoch.elapsed().as_nanos() as u64,
+        in_order: written.is_some(),
         ..SchedConfig::DEFAULT
     };
     let chunk_count = lens.len() as u64;
     let mut sched = Scheduler::new(now(), config, id, lens, missing)
         .map_err(|e| anyhow!("cannot schedule {id}: {e}"))?;
+    if let Some(w) = &written {
+        w.send_replace(Written {
+            writer: Some(Arc::clone(&writer)),
+            prefix: 0,
+        });
+    }
+    let mut prefix = 0u64;
+    let publish = |sched: &Scheduler, prefix: &mut u64| {
+        let Some(w) = &written else { return };
+        let before = *prefix;
+        while *prefix < chunk_count && sched.is_done(*prefix) {
+            *prefix += 1;
+        }
+        if *prefix > before {
+            w.send_modify(|w| w.prefix = *prefix);
+        }
+    };
+    publish(&sched, &mut prefix);
     for (&pid, p) in peers.iter_mut() {
         try_join(&mut sched, now(), pid, p);
     }
@@ -383,6 +420,7 @@ pub(crate) async fn fetch(
                         }
                     }
                 }
+                publish(&sched, &mut prefix);
             }
             PeerEvent::Frame(bytes) => {
                 on_frame(&mut sched, now(), &id, pid, p, &bytes, chunk_count)

@@ -28,7 +28,10 @@
 //! tie-break, index), where the tie-break is drawn per piece from a
 //! SplitMix64 seeded by `SchedConfig::seed`. Equal-rarity pieces are thus
 //! fetched in a random but reproducible order, and receivers with different
-//! seeds spread over different pieces (what makes a swarm share). A peer is
+//! seeds spread over different pieces (what makes a swarm share). With
+//! `SchedConfig::in_order` the tie-break is the piece's index instead:
+//! equally rare pieces come in blob order, so a fetch whose export overlaps
+//! it (`envoy fetch --out`) finds a growing prefix to stream. A peer is
 //! offered the rarest piece it can serve. Piece keys are recomputed only for
 //! pieces whose chunks changed state or availability (O(piece) each).
 //!
@@ -136,6 +139,10 @@ pub struct SchedConfig {
     pub rate_burst_bytes: u64,
     /// Seed of the tie-breaking order among equally rare pieces.
     pub seed: u64,
+    /// Break ties among equally rare pieces by blob order instead of the
+    /// seeded random order (a receiver streaming the blob out as it
+    /// arrives). Default false: receivers spread over different pieces.
+    pub in_order: bool,
     /// Request ids are `request_id_base + n`: give schedulers sharing a
     /// connection disjoint ranges (e.g. `blob_sequence << 40`).
     pub request_id_base: u64,
@@ -155,6 +162,7 @@ impl SchedConfig {
         peer_download_bytes_per_s: None,
         rate_burst_bytes: 4 << 20,
         seed: 0,
+        in_order: false,
         request_id_base: 0,
     };
 
@@ -445,10 +453,15 @@ impl Scheduler {
                 bytes += len;
                 end += 1;
             }
+            let tiebreak = if config.in_order {
+                pieces.len() as u64
+            } else {
+                rng.next_u64()
+            };
             pieces.push(Piece {
                 first,
                 end,
-                tiebreak: rng.next_u64(),
+                tiebreak,
                 key: None,
             });
             first = end;

@@ -256,11 +256,12 @@ fn a_stalled_peer_is_dropped_and_its_work_reissued() {
 
 /// The order in which a single serving peer is asked for 12 one-chunk
 /// pieces, with availability 1, 2 and 3 for chunks 8..12, 4..8, 0..4.
-fn rarest_order(seed: u64) -> Vec<u64> {
+fn rarest_order(seed: u64, in_order: bool) -> Vec<u64> {
     let config = SchedConfig {
         run_bytes_target: 1024,
         peer_requests_in_flight_max: 1,
         seed,
+        in_order,
         ..SchedConfig::DEFAULT
     };
     let mut s = new_sched(vec![1024; 12], config);
@@ -288,7 +289,7 @@ fn rarest_order(seed: u64) -> Vec<u64> {
 
 #[test]
 fn rarest_chunks_are_fetched_first_with_seeded_ties() {
-    let order = rarest_order(42);
+    let order = rarest_order(42, false);
     let class = |c: u64| c / 4;
     let classes: Vec<u64> = order.iter().map(|&c| class(c)).collect();
     assert_eq!(
@@ -296,11 +297,22 @@ fn rarest_chunks_are_fetched_first_with_seeded_ties() {
         vec![2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0],
         "{order:?}"
     );
-    assert_eq!(rarest_order(42), order, "same seed, same order");
+    assert_eq!(rarest_order(42, false), order, "same seed, same order");
     assert!(
-        (0..8).any(|seed| rarest_order(seed) != order),
+        (0..8).any(|seed| rarest_order(seed, false) != order),
         "ties are broken by the seed"
     );
+}
+
+#[test]
+fn in_order_breaks_ties_by_blob_order_and_keeps_rarest_first() {
+    for seed in 0..8 {
+        assert_eq!(
+            rarest_order(seed, true),
+            vec![8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3],
+            "seed {seed}"
+        );
+    }
 }
 
 #[test]
