@@ -551,6 +551,42 @@ fn fetch_larger_than_free_space_is_refused_up_front() {
     );
 }
 
+/// `fetch --out` to a filesystem that cannot hold the blob stops before
+/// writing anything (the daemon announces the size first) and leaves no
+/// temp file; the fetch itself still completes into the store.
+#[test]
+fn fetch_out_larger_than_its_filesystem_is_refused_up_front() {
+    let small = match common::Tmpfs::mount("4m") {
+        Ok(t) => t,
+        Err(why) => {
+            return common::skip(
+                "fetch_out_larger_than_its_filesystem_is_refused_up_front",
+                &why,
+            );
+        }
+    };
+    let (a, b) = pair();
+    let data = random(8 << 20, 14);
+    let id = a.add(&a.file("blob", &data));
+    let out = b.fetch(&id, &[a.addr()], &small.dir.join("out.bin"));
+    out.expect(ERROR);
+    assert!(out.stderr.contains("not enough space in"), "{}", out.stderr);
+    assert_eq!(common::entries(&small.dir), Vec::<String>::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = run(b.cmd(&["--json", "store", "ls"]));
+        if ls.json()[0]["state"] == "complete" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fetch did not complete: {}",
+            ls.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
     let (mut a, _b) = pair();

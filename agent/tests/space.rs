@@ -6,56 +6,16 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use common::*;
 
 const MIB: usize = 1 << 20;
-
-/// A tmpfs mounted on a fresh temp directory, unmounted on drop.
-struct Tmpfs {
-    dir: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (mount syntax, "16m"), or says why not.
-    fn mount(size: &str) -> Result<Tmpfs, String> {
-        if !euid_is_root() {
-            return Err("mounting tmpfs needs root".into());
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix("envoy-tmpfs-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        let dir = tmp.path().join("mnt");
-        fs::create_dir(&dir).map_err(|e| e.to_string())?;
-        let opts = format!("size={size},mode=0755");
-        mount(
-            Some("tmpfs"),
-            &dir,
-            Some("tmpfs"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| format!("mount -t tmpfs -o {opts}: {e}"))?;
-        Ok(Tmpfs { dir, _tmp: tmp })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
-            eprintln!("warning: cannot unmount {}: {e}", self.dir.display());
-        }
-    }
-}
 
 /// Writes zeros to a new file at `path` until the filesystem is full.
 fn fill(path: &Path) -> u64 {

@@ -325,8 +325,15 @@ const DATA_SPAN_BYTES: usize = 120 << 10;
 /// blob's file and verified again on the way out, as every export is.
 async fn follow(mut written: watch::Receiver<fetch::Written>, frames: Frames) -> Result<u64> {
     let mut sent = 0u64;
+    let mut sized = false;
     loop {
         let w = written.borrow_and_update().clone();
+        if let Some(writer) = &w.writer
+            && !sized
+        {
+            send_size(&frames, writer.root().total_bytes).await?;
+            sized = true;
+        }
         if let Some(writer) = w.writer
             && w.prefix > sent
         {
@@ -365,6 +372,7 @@ async fn stream_rest(
         );
     }
     let id = outcome.id.parse().context("fetched blob id")?;
+    send_size(frames, outcome.size).await?;
     let store = Arc::clone(&daemon.store);
     let frames = frames.clone();
     tokio::task::spawn_blocking(move || {
@@ -375,4 +383,13 @@ async fn stream_rest(
     })
     .await
     .context("export task failed")?
+}
+
+/// Tells the client the size of the file to come (`S`).
+async fn send_size(frames: &Frames, len: u64) -> Result<()> {
+    frames
+        .0
+        .send((control::KIND_SIZE, len.to_le_bytes().to_vec()))
+        .await
+        .map_err(|_| anyhow::anyhow!("control client went away"))
 }

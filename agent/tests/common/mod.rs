@@ -398,3 +398,42 @@ pub fn read_all(mut r: impl Read) -> Vec<u8> {
 pub fn euid_is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// A tmpfs mounted on a fresh temp directory, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount syntax, "16m"), or says why not.
+    pub fn mount(size: &str) -> Result<Tmpfs, String> {
+        if !euid_is_root() {
+            return Err("mounting tmpfs needs root".into());
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("envoy-tmpfs-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).map_err(|e| e.to_string())?;
+        let opts = format!("size={size},mode=0755");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| format!("mount -t tmpfs -o {opts}: {e}"))?;
+        Ok(Tmpfs { dir, _tmp: tmp })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("warning: cannot unmount {}: {e}", self.dir.display());
+        }
+    }
+}
