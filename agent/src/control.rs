@@ -135,9 +135,11 @@ pub enum Sink {
 pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8> {
     let body = serde_json::to_vec(request).context("cannot encode request")?;
     write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
-    let mut temp = match &sink {
-        Sink::File(path) | Sink::Data(path) => Some(TempOut::create(path)?),
-        Sink::Stdout => None,
+    // The temp file, and the kind of frame whose bytes go there.
+    let (mut temp, file_kind) = match &sink {
+        Sink::File(path) => (Some(TempOut::create(path)?), KIND_STDOUT),
+        Sink::Data(path) => (Some(TempOut::create(path)?), KIND_DATA),
+        Sink::Stdout => (None, KIND_DATA),
     };
     let mut stdout = io::stdout().lock();
     let bar = io::stderr().is_terminal().then(new_bar);
@@ -151,19 +153,19 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
             bail!("the daemon closed the connection before answering (did it stop?)");
         };
         match kind {
-            KIND_STDOUT | KIND_DATA => match match (&mut temp, &sink, kind) {
-                (Some(t), Sink::File(_), KIND_STDOUT) | (Some(t), Sink::Data(_), KIND_DATA) => {
-                    t.write_all(&body)
-                }
-                (_, Sink::Stdout | Sink::Data(_), KIND_STDOUT) => stdout.write_all(&body),
+            KIND_STDOUT | KIND_DATA => match match &mut temp {
+                Some(t) if kind == file_kind => t.write_all(&body),
+                _ if kind == KIND_STDOUT => stdout.write_all(&body),
                 _ => bail!("the daemon sent file bytes where none were asked for"),
             } {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit::OK),
                 Err(e) => return Err(e).context("cannot write output"),
             },
-            KIND_SIZE => match (&mut temp, &sink, <[u8; 8]>::try_from(&body[..])) {
-                (Some(t), Sink::Data(_), Ok(len)) => t.check_space(u64::from_le_bytes(len))?,
+            KIND_SIZE => match (&temp, <[u8; 8]>::try_from(&body[..])) {
+                (Some(t), Ok(len)) if file_kind == KIND_DATA => {
+                    t.check_space(u64::from_le_bytes(len))?
+                }
                 _ => bail!("unexpected size frame from the daemon"),
             },
             KIND_STDERR => {

@@ -170,6 +170,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A reader's sink (the output of `cat`, an export stream) failed.
+    fn output(source: io::Error) -> StoreError {
+        StoreError::Io {
+            op: "cannot write output",
+            path: PathBuf::from("-"),
+            source,
+        }
+    }
+
     fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
         move |source| {
             if source.raw_os_error() == Some(libc::ENOSPC) {
@@ -836,11 +845,7 @@ impl Store {
             if good > 0 {
                 let from = entries[0].offset as usize;
                 let to = entries[good - 1].end() as usize;
-                sink(&bytes[from..to]).map_err(|e| StoreError::Io {
-                    op: "cannot write output",
-                    path: PathBuf::from("-"),
-                    source: e,
-                })?;
+                sink(&bytes[from..to]).map_err(StoreError::output)?;
                 if let Some(p) = progress {
                     p.done.store(to as u64, Ordering::Relaxed);
                 }
@@ -1789,11 +1794,7 @@ impl PartialWriter {
                     });
                 }
                 drop(msgs);
-                sink(buf).map_err(|e| StoreError::Io {
-                    op: "cannot write output",
-                    path: PathBuf::from("-"),
-                    source: e,
-                })?;
+                sink(buf).map_err(StoreError::output)?;
                 next = end;
             }
         }

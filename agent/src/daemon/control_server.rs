@@ -361,15 +361,15 @@ async fn stream_rest(
     sent: u64,
     frames: &Frames,
 ) -> Result<()> {
-    if sent == outcome.chunks {
+    if !outcome.already_complete {
+        if sent != outcome.chunks {
+            bail!(
+                "the export stopped after {sent} of {} chunks of {}",
+                outcome.chunks,
+                outcome.id
+            );
+        }
         return Ok(());
-    }
-    if sent != 0 {
-        bail!(
-            "the export stopped after {sent} of {} chunks of {}",
-            outcome.chunks,
-            outcome.id
-        );
     }
     let id = outcome.id.parse().context("fetched blob id")?;
     send_size(frames, outcome.size).await?;
