@@ -183,6 +183,21 @@ impl Envoy {
             .arg(out))
     }
 
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("started").id() as i32)
+    }
+
+    /// Chunk bytes this daemon has served so far (`status --json`).
+    fn bytes_served(&self) -> u64 {
+        let out = run(self.cmd(&["--json", "status"]));
+        out.expect(OK);
+        out.text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v["daemon"]["bytes_served"].as_u64())
+            .expect("status reports bytes_served")
+    }
+
     fn wait_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -713,6 +728,190 @@ fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
     assert!(peer(&a_addr)["error"].is_string(), "{report}");
     assert!(peer(&a_addr)["bytes"].as_u64().unwrap() < data.len() as u64);
     assert!(peer(&c_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+/// A source that stops answering mid-transfer (SIGSTOP: its sockets stay
+/// open, nothing more arrives) is a stall, not a death: the fetch must not
+/// wait for it, and its outstanding runs come from the other source.
+#[test]
+fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
+    use nix::sys::signal::{Signal, kill};
+    // Both sources upload at 8 MiB/s, so 32 MiB take ~2 s from both.
+    let slow = "rate:\n  upload_bytes_per_s: 8388608\n";
+    let (mut a, mut b, mut c) = (
+        Envoy::with_extra(slow),
+        Envoy::new(),
+        Envoy::with_extra(slow),
+    );
+    a.allow(&[&b]);
+    b.allow(&[&a, &c]);
+    c.allow(&[&b]);
+    a.start();
+    b.start();
+    c.start();
+    let data = random(32 << 20, 14);
+    let id = a.add(&a.file("blob", &data));
+    assert_eq!(c.add(&c.file("blob", &data)), id);
+    let (a_addr, c_addr) = (a.addr(), c.addr());
+    let out_path = b.dir.path().join("out.bin");
+    let mut fetch = b
+        .cmd(&[
+            "--json",
+            "fetch",
+            &id,
+            "--from",
+            &format!("{a_addr},{c_addr}"),
+            "--out",
+        ])
+        .arg(&out_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Freeze C once it is serving, so the stall is mid-transfer.
+    assert!(
+        common::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            c.bytes_served() > 0
+        }),
+        "C never served a byte: {}",
+        b.log()
+    );
+    kill(c.pid(), Signal::SIGSTOP).unwrap();
+    let finished = common::wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        fetch.try_wait().unwrap().is_some()
+    });
+    let _ = kill(c.pid(), Signal::SIGCONT);
+    if !finished {
+        let _ = fetch.kill();
+    }
+    let out = fetch.wait_with_output().unwrap();
+    assert!(
+        finished,
+        "the fetch waited on the stalled source for 120 s: {}",
+        b.log()
+    );
+    assert!(
+        out.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peer = |addr: &str| {
+        report["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["addr"] == addr)
+            .unwrap()
+            .clone()
+    };
+    let from_c = peer(&c_addr)["bytes"].as_u64().unwrap();
+    assert!(from_c > 0, "{report}");
+    assert!(from_c < data.len() as u64, "{report}");
+    assert!(peer(&a_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
+/// A peer that requests more than the credit it was told is cut off with
+/// `LIMIT` and a log line, without costing a fetch running beside it
+/// anything.
+#[test]
+fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
+    use agent::identity::HostKey;
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use substrate::wire::{self, CloseCode, Decoder, Frame, Hello, Limits, Request, RequestId};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const CREDIT: u64 = 4 << 20;
+    let intruder = HostKey::generate().unwrap();
+    let (mut a, mut b) = (
+        Envoy::with_extra(&format!("limits:\n  credit_bytes: {CREDIT}\n")),
+        Envoy::with_extra("rate:\n  download_bytes_per_s: 8388608\n"),
+    );
+    a.allow = vec![b.key.clone(), intruder.public().to_string()];
+    a.write_config();
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let data = random(16 << 20, 15);
+    let id = a.add(&a.file("blob", &data));
+    let chunks = {
+        let out = run(a.cmd(&["--json", "store", "manifest", &id]));
+        out.expect(OK);
+        out.json()["chunks"].as_array().unwrap().len() as u32
+    };
+    // B's fetch takes ~2 s at 8 MiB/s; the intruder misbehaves meanwhile.
+    let out_path = b.dir.path().join("out.bin");
+    let fetch = b
+        .cmd(&["--json", "fetch", &id, "--from", &a.addr(), "--out"])
+        .arg(&out_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
+    let received = rt.block_on(async {
+        let verifier = Arc::new(AllowList::new(vec![a_key]));
+        let connector =
+            tokio_rustls::TlsConnector::from(tls::client_config(&intruder, verifier).unwrap());
+        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
+        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut bytes = Vec::new();
+        let hello = Hello {
+            version: wire::PROTOCOL_VERSION,
+            requests_in_flight_max: 16,
+            frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
+            credit_bytes: 32 << 20,
+        };
+        wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+        // Every chunk of a 16 MiB blob at once: four times the credit.
+        let greedy = Request {
+            id: RequestId(1),
+            blob: id.parse().unwrap(),
+            first_chunk: 0,
+            chunk_count: chunks,
+        };
+        wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut bytes).unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got)).await;
+        got
+    });
+    // A told its credit in its Hello, sent no chunk, and closed with LIMIT.
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    decoder.feed(&received);
+    let mut frames = Vec::new();
+    while let Ok(Some(f)) = decoder.poll_frame() {
+        frames.push(match f {
+            Frame::Hello(h) => format!("hello credit {}", h.credit_bytes),
+            Frame::Close { code, .. } => format!("close {}", code.0),
+            other => format!("{:?}", other.kind()),
+        });
+    }
+    assert_eq!(
+        frames,
+        [
+            format!("hello credit {CREDIT}"),
+            format!("close {}", CloseCode::LIMIT.0)
+        ]
+    );
+    assert!(a.wait_log("exceeds the remaining credit"), "{}", a.log());
+    let out = fetch.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
