@@ -597,6 +597,25 @@ impl Drop for WorkDir {
 }
 
 /// Removes a file or directory tree if it exists.
+/// The `cp SRC DEST && sync` baseline: seconds to make one durable copy of
+/// `src` at `dest` the way an operator would, through the page cache and
+/// the kernel's writeback. `dest` is removed, untimed, before and after.
+/// `sync` flushes the whole system; callers flush (or fsync their inputs)
+/// beforehand, so what it waits for is this copy.
+pub fn cp_sync(src: &Path, dest: &Path, deadline: Duration) -> Result<f64> {
+    remove_path(dest)?;
+    let out = run_timed(
+        Command::new("sh")
+            .args(["-c", r#"cp -- "$1" "$2" && sync"#, "sh"])
+            .arg(src)
+            .arg(dest),
+        false,
+        deadline,
+    );
+    remove_path(dest)?;
+    Ok(out?.seconds)
+}
+
 pub fn remove_path(path: &Path) -> Result<()> {
     let result = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

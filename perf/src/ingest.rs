@@ -302,25 +302,10 @@ impl Ingest {
         let work = self.work.path();
         let deadline = harness::run_deadline(self.input.size);
         match kind {
-            Kind::CpSync => {
-                let dest = work.join("cp-dest.bin");
-                harness::remove_path(&dest)?;
-                // `sync` flushes the whole system; the input was fsynced when
-                // generated, so what it waits for is this copy.
-                let out = harness::run_timed(
-                    Command::new("sh")
-                        .args(["-c", r#"cp -- "$1" "$2" && sync"#, "sh"])
-                        .arg(&self.input.path)
-                        .arg(&dest),
-                    false,
-                    deadline,
-                )?;
-                harness::remove_path(&dest)?;
-                Ok(Sample {
-                    seconds: out.seconds,
-                    ..Sample::default()
-                })
-            }
+            Kind::CpSync => Ok(Sample {
+                seconds: harness::cp_sync(&self.input.path, &work.join("cp-dest.bin"), deadline)?,
+                ..Sample::default()
+            }),
             Kind::B3sum | Kind::B3sumOneThread => {
                 let program = self.b3sum.as_deref().context("b3sum is not installed")?;
                 // Untimed: the adds in between may have pushed it out.

@@ -20,6 +20,12 @@
 //! - `sendme receive` (when installed) from one long-running `sendme send`
 //!   of the input file, followed by `sync` inside the timed region, so both
 //!   `sendme` and `fetch --out` end with the written file on disk.
+//! - `cp` + `sync`: the input (page cache warm) copied to a new file beside
+//!   the receiver's store, then `sync`: what this machine takes to make one
+//!   local copy of the blob durable, the floor under every contender that
+//!   ends on the disk when the disk is the limit (`p2p_vs_cp_sync`: its time
+//!   / `envoy fetch`'s; `p2p_out_vs_cp_sync`: / `fetch --out`'s, which
+//!   writes two copies).
 //!
 //! The receiving daemon's `RssAnon` is sampled during every fetch (it is
 //! the process that holds transfer state; the CLI only relays).
@@ -157,6 +163,8 @@ enum Kind {
     Fetch,
     FetchOut,
     Sendme,
+    /// `cp` of the input to a new file beside the receiver's store, `sync`.
+    CpSync,
     /// `envoy fetch` from three sources, each capped (multi-source phase).
     MultiSource,
 }
@@ -168,6 +176,7 @@ impl Kind {
             Kind::Fetch => "envoy fetch (sealed)",
             Kind::FetchOut => "envoy fetch --out (+fsync)",
             Kind::Sendme => "sendme receive (+sync)",
+            Kind::CpSync => "cp + sync (local copy)",
             Kind::MultiSource => "envoy fetch, 3 capped sources",
         }
     }
@@ -368,7 +377,7 @@ pub fn run(args: P2pArgs) -> Result<()> {
             "iperf3 is not installed ({IPERF3_INSTALL}): p2p_vs_iperf3 is null"
         )),
     }
-    kinds.extend([Kind::Fetch, Kind::FetchOut]);
+    kinds.extend([Kind::Fetch, Kind::FetchOut, Kind::CpSync]);
     match &p2p.sendme {
         Some(program) => {
             let program = program.clone();
@@ -1081,6 +1090,14 @@ impl P2p {
                 self.fetch_once(&first_sender, Some(&out), warm_up)
             }
             Kind::Sendme => self.sendme_once(warm_up),
+            Kind::CpSync => Ok(Sample {
+                seconds: harness::cp_sync(
+                    &self.input.path,
+                    &self.receiver.state_dir.join("cp-copy.bin"),
+                    harness::run_deadline(self.input.size),
+                )?,
+                ..Sample::default()
+            }),
             Kind::MultiSource => {
                 ensure!(
                     !self.extra_sources.is_empty(),
@@ -1466,6 +1483,7 @@ fn summarize(
         Kind::FetchOut,
         Kind::Iperf3,
         Kind::Sendme,
+        Kind::CpSync,
         Kind::MultiSource,
     ] {
         let Some(c) = find(kind) else {
@@ -1503,6 +1521,7 @@ fn summarize(
         if let Some(reason) = &c.failed {
             let (figure, package) = match c.kind {
                 Kind::Sendme => ("p2p_vs_sendme", SENDME_INSTALL),
+                Kind::CpSync => ("p2p_vs_cp_sync", "coreutils"),
                 _ => ("p2p_vs_iperf3", IPERF3_INSTALL),
             };
             report.notes.push(format!(
@@ -1518,6 +1537,8 @@ fn summarize(
     let vs_iperf3 = ratio(median(Kind::Iperf3), fetch);
     let vs_sendme = ratio(median(Kind::Sendme), fetch_out);
     let multi_source_speedup = ratio(fetch, median(Kind::MultiSource));
+    let vs_cp_sync = ratio(median(Kind::CpSync), fetch);
+    let out_vs_cp_sync = ratio(median(Kind::CpSync), fetch_out);
     let rss = [Kind::Fetch, Kind::FetchOut, Kind::MultiSource]
         .into_iter()
         .filter_map(|k| find(k).and_then(|c| c.peak_rss_anon_bytes))
@@ -1535,6 +1556,8 @@ fn summarize(
     ratios.insert("p2p_vs_sendme".to_owned(), vs_sendme);
     ratios.insert("receiver_anon_rss_mib".to_owned(), rss);
     ratios.insert("multi_source_speedup".to_owned(), multi_source_speedup);
+    ratios.insert("p2p_vs_cp_sync".to_owned(), vs_cp_sync);
+    ratios.insert("p2p_out_vs_cp_sync".to_owned(), out_vs_cp_sync);
     report.ratios.extend(ratios);
     report.goals.insert(
         "p2p_gb_per_s".to_owned(),
@@ -1587,6 +1610,14 @@ fn summarize(
         "sendme runs with --relay disabled --magic-ipv4-addr 127.0.0.1:0 (loopback, no relay or \
          discovery servers) from one `sendme send` started before the rounds, as the sending \
          envoy is; its receive writes the data into its own store, then copies it out"
+            .to_owned(),
+    );
+    report.notes.push(
+        "p2p_vs_cp_sync = the time of `cp INPUT COPY && sync` (one durable local copy of the \
+         blob on the receiver's disk, from a warm page cache, through the kernel's writeback) / \
+         `envoy fetch`'s: near 1.0 the fetch is as fast as this machine makes one copy \
+         durable, whatever the network could do; p2p_out_vs_cp_sync = cp+sync's time / `envoy \
+         fetch --out`'s, which writes two copies (the store's and the exported file)"
             .to_owned(),
     );
     report.notes.push(
