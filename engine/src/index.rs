@@ -24,6 +24,8 @@
 //! seal then links to the id. A chunk row is served only through a complete
 //! blob, so rows of an ingest in progress are never found.
 
+use std::collections::HashSet;
+
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
     TableHandle, WriteTransaction,
@@ -152,6 +154,51 @@ fn decode_record(id: &BlobId, v: &[u8]) -> Result<BlobRecord, StoreError> {
 
 pub(crate) struct Index {
     db: Database,
+}
+
+/// Where sealed copies of chunks are, as of one read snapshot of the index:
+/// one transaction and three opened tables for any number of lookups. Delta
+/// planning looks up every chunk of a manifest; a transaction per lookup
+/// cost 0.77 s for the 215k chunks of a 2 GiB blob (an empty store, two
+/// cores), paid before a fetch requested anything. Take a new finder to see
+/// later commits.
+pub struct ChunkFinder {
+    chunks: redb::ReadOnlyMultimapTable<&'static [u8; 32], &'static [u8; 44]>,
+    blobs: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    owners: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8; 32]>,
+}
+
+impl ChunkFinder {
+    /// A sealed, servable copy of `hash` in a blob other than `exclude`
+    /// and not in `skip`.
+    pub fn find(
+        &self,
+        hash: &ChunkHash,
+        exclude: &BlobId,
+        skip: &HashSet<BlobId>,
+    ) -> Result<Option<ChunkLocation>, StoreError> {
+        for v in self.chunks.get(&hash.0).map_err(ierr)? {
+            let (key, offset, len) = decode_location(v.map_err(ierr)?.value());
+            // A provisional key names its blob once sealed; until then it
+            // names nothing, and the lookup below finds no complete blob.
+            let blob = match self.owners.get(&key.0).map_err(ierr)? {
+                Some(id) => BlobId(*id.value()),
+                None => BlobId(key.0),
+            };
+            if blob == *exclude || skip.contains(&blob) {
+                continue;
+            }
+            let complete = self
+                .blobs
+                .get(&blob.0)
+                .map_err(ierr)?
+                .is_some_and(|r| r.value().get(1) == Some(&(BlobState::Complete as u8)));
+            if complete {
+                return Ok(Some(ChunkLocation { blob, offset, len }));
+            }
+        }
+        Ok(None)
+    }
 }
 
 fn ierr(e: impl std::fmt::Display) -> StoreError {
@@ -333,36 +380,14 @@ impl Index {
         Ok(out)
     }
 
-    /// A sealed, servable copy of `hash`, skipping `exclude`.
-    pub fn find_chunk(
-        &self,
-        hash: &ChunkHash,
-        exclude: &BlobId,
-    ) -> Result<Option<ChunkLocation>, StoreError> {
+    /// Chunk lookups against one read snapshot (see [`ChunkFinder`]).
+    pub fn chunk_finder(&self) -> Result<ChunkFinder, StoreError> {
         let tx = self.db.begin_read().map_err(ierr)?;
-        let chunks = tx.open_multimap_table(CHUNKS).map_err(ierr)?;
-        let blobs = tx.open_table(BLOBS).map_err(ierr)?;
-        let owners = tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?;
-        for v in chunks.get(&hash.0).map_err(ierr)? {
-            let (key, offset, len) = decode_location(v.map_err(ierr)?.value());
-            // A provisional key names its blob once sealed; until then it
-            // names nothing, and the lookup below finds no complete blob.
-            let blob = match owners.get(&key.0).map_err(ierr)? {
-                Some(id) => BlobId(*id.value()),
-                None => BlobId(key.0),
-            };
-            if blob == *exclude {
-                continue;
-            }
-            let complete = blobs
-                .get(&blob.0)
-                .map_err(ierr)?
-                .is_some_and(|r| r.value().get(1) == Some(&(BlobState::Complete as u8)));
-            if complete {
-                return Ok(Some(ChunkLocation { blob, offset, len }));
-            }
-        }
-        Ok(None)
+        Ok(ChunkFinder {
+            chunks: tx.open_multimap_table(CHUNKS).map_err(ierr)?,
+            blobs: tx.open_table(BLOBS).map_err(ierr)?,
+            owners: tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?,
+        })
     }
 
     #[cfg(test)]

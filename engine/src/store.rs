@@ -29,7 +29,7 @@
 //! Sealed files are never written, truncated or replaced in place — only
 //! unlinked whole — which is what makes mapping them safe (see `sys::SealedMap`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
@@ -1118,8 +1118,10 @@ impl Store {
     pub fn plan(&self, manifest: &Manifest) -> Result<DeltaPlan, StoreError> {
         let id = manifest.id();
         let mut plan = DeltaPlan::default();
+        let finder = self.index.chunk_finder()?;
+        let none = HashSet::new();
         for e in manifest.entries()? {
-            if self.index.find_chunk(&e.hash, &id)?.is_some() {
+            if finder.find(&e.hash, &id, &none)?.is_some() {
                 plan.held_chunks += 1;
                 plan.held_bytes += u64::from(e.len);
             } else {
@@ -1337,10 +1339,14 @@ impl Store {
             .map_err(StoreError::io("cannot open", &path))?;
         let mut plan = DeltaPlan::default();
         let mut sources: HashMap<BlobId, File> = HashMap::new();
+        // Quarantined during this call: a finder's snapshot predates it.
+        let mut quarantined = HashSet::new();
         let mut index = 0u64;
         for page in 0..r.root.pages.len() as u32 {
             let entries = self.index.page(id, &r.root, page)?;
             let bits = self.index.presence(id, page)?.unwrap_or_default();
+            // One snapshot per page: it sees the previous page's commits.
+            let finder = self.index.chunk_finder()?;
             let mut copied = Vec::new();
             for (i, e) in entries.iter().enumerate() {
                 let global = index + i as u64;
@@ -1349,7 +1355,7 @@ impl Store {
                     plan.held_bytes += u64::from(e.len);
                     continue;
                 }
-                let Some(loc) = self.index.find_chunk(&e.hash, id)? else {
+                let Some(loc) = finder.find(&e.hash, id, &quarantined)? else {
                     plan.missing_chunks += 1;
                     plan.missing_bytes += u64::from(e.len);
                     continue;
@@ -1374,6 +1380,7 @@ impl Store {
                     // The source is corrupt at rest: stop serving it.
                     drop(sources.remove(&loc.blob));
                     self.set_state(&loc.blob, BlobState::Quarantined)?;
+                    quarantined.insert(loc.blob);
                     plan.missing_chunks += 1;
                     plan.missing_bytes += u64::from(e.len);
                 }

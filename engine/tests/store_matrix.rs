@@ -558,6 +558,54 @@ fn corruption_is_found_quarantined_and_cured_by_re_adding() {
     );
 }
 
+/// Delta assembly copies from a local blob and verifies each copy: a source
+/// found corrupt at rest is quarantined and nothing more is copied from it
+/// in that assembly (the rest of its page included, though the finder's
+/// snapshot predates the quarantine); those chunks stay missing.
+#[test]
+fn delta_assembly_stops_copying_from_a_source_found_corrupt() {
+    let params = ChunkerParams::with_avg(1024).unwrap();
+    let mut rng = StdRng::seed_from_u64(12);
+    let data = random(&mut rng, 1 << 20);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let options = StoreOptions {
+        chunker: params,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir, options).unwrap();
+    let old = add_bytes(&store, tmp.path(), "old", &data).id;
+    let entries = store.manifest(&old).unwrap().entries().unwrap();
+    // Well inside the first manifest page, with chunks after it there.
+    let victim = 100usize;
+    assert!(entries.len() > 2 * victim, "{} chunks", entries.len());
+    let blob = dir.join("blobs").join(old.to_hex());
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[entries[victim].offset as usize + 3] ^= 1;
+    // Tests may rewrite a sealed file: nothing maps it right now.
+    fs::write(&blob, &bytes).unwrap();
+
+    // The new version differs only in its last byte: every chunk but the
+    // last is held by the old blob.
+    let mut new = data.clone();
+    *new.last_mut().unwrap() ^= 0xff;
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &new);
+    store.begin_partial(&m, &owner()).unwrap();
+    let plan = store.assemble_local(&m.id()).unwrap();
+    assert_eq!(
+        plan.held_chunks, victim as u64,
+        "copied exactly the chunks before the corrupt one: {plan:?}"
+    );
+    assert_eq!(
+        store.info(&old).unwrap().state,
+        BlobState::Quarantined,
+        "the corrupt source is quarantined"
+    );
+    let missing = store.missing_chunks(&m.id()).unwrap();
+    assert_eq!(missing.first(), Some(&(victim as u64)));
+    assert_eq!(missing.len() as u64, plan.missing_chunks);
+}
+
 #[test]
 fn open_removes_what_a_crash_left_behind() {
     let tmp = tempfile::tempdir().unwrap();

@@ -212,6 +212,7 @@ pub(crate) async fn fetch(
     } else {
         receive_manifest(&id, &mut peers, &mut events).await?
     };
+    let manifest_seconds = started.elapsed().as_secs_f64();
     let total = manifest.root.total_bytes;
     if !resumed {
         check_space(&daemon, total)?;
@@ -238,8 +239,9 @@ pub(crate) async fn fetch(
     let bytes_local = before_bytes - missing_bytes;
     drop(before);
     tracing::info!(
-        "fetching {id}: {total} bytes, {} chunks; {bytes_local} bytes copied from local blobs, {bytes_resumed} resumed, {missing_bytes} to fetch",
+        "fetching {id}: {total} bytes, {} chunks; {bytes_local} bytes copied from local blobs, {bytes_resumed} resumed, {missing_bytes} to fetch; sources and manifest took {manifest_seconds:.2} s, preparing the partial blob {:.2} s",
         lens.len(),
+        started.elapsed().as_secs_f64() - manifest_seconds,
     );
 
     // 3. Schedule.
