@@ -232,7 +232,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     .await;
     // Verdicts of what was received reach the fetch before `Closed`.
     if let Some(i) = intake {
-        i.finish().await;
+        i.finish(&mut decoder).await;
     }
     why
 }
@@ -249,8 +249,18 @@ async fn read_frames<R: AsyncRead + Unpin>(
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
     loop {
+        // Payloads of the batch being filled stay in the decoder's buffer
+        // until it is handed over (see `intake`).
+        let keep = intake.as_ref().is_some_and(Intake::holds_payloads);
         tokio::select! {
-            r = tokio::time::timeout(idle, read.read_buf(decoder.receive_buffer(READ_BYTES))) => match r {
+            r = async {
+                let buf = if keep {
+                    decoder.receive_buffer_keeping(READ_BYTES)
+                } else {
+                    decoder.receive_buffer(READ_BYTES)
+                };
+                tokio::time::timeout(idle, read.read_buf(buf)).await
+            } => match r {
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
                     let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
@@ -261,7 +271,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 Ok(Err(e)) => return format!("read failed: {e}"),
             },
             b = async { intake.as_mut().expect("guarded").returned().await }, if intake.is_some() => {
-                if let Err(why) = intake.as_mut().expect("guarded").on_returned(b).await {
+                if let Err(why) = intake.as_mut().expect("guarded").on_returned(b, decoder).await {
                     return why;
                 }
                 continue;
@@ -272,18 +282,22 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
         };
         loop {
-            let frame = match decoder.poll_frame() {
+            let (at, frame) = match decoder.poll_frame_at() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => return refuse(out, peer, &e).await,
             };
-            match on_frame(daemon, out, tap, peer, intake, frame).await {
-                Ok(()) => {}
-                Err(why) => return why,
+            if let Err(why) = on_frame(daemon, out, tap, peer, intake, at, frame).await {
+                return why;
+            }
+            if let Some(i) = intake.as_mut()
+                && let Err(why) = i.hand_over_if_due(decoder).await
+            {
+                return why;
             }
         }
         if let Some(i) = intake.as_mut()
-            && let Err(why) = i.drained().await
+            && let Err(why) = i.drained(decoder).await
         {
             return why;
         }
@@ -296,13 +310,15 @@ async fn refuse(out: &mpsc::Sender<Out>, peer: PeerKey, e: &DecodeError) -> Stri
     format!("malformed frame: {e}")
 }
 
-/// Handles one frame; `Err(reason)` closes the connection.
+/// Handles one frame, which lies at `at` in the decoder's buffer; `Err(reason)`
+/// closes the connection.
 async fn on_frame(
     daemon: &Arc<Daemon>,
     out: &mpsc::Sender<Out>,
     tap: Option<&Tap>,
     peer: PeerKey,
     intake: &mut Option<Intake>,
+    at: std::ops::Range<usize>,
     frame: Frame<'_>,
 ) -> Result<(), String> {
     let to_writer = |m| async { out.send(m).await.map_err(|_| "writer gone".to_string()) };
@@ -347,7 +363,7 @@ async fn on_frame(
             };
             // Behind the verdicts of the chunks that arrived before it.
             let frame = match intake {
-                Some(i) => i.push_frame(encode(&frame)).await?,
+                Some(i) => i.push_frame(encode(&frame)),
                 None => Some(encode(&frame)),
             };
             if let Some(f) = frame {
@@ -371,7 +387,8 @@ async fn on_frame(
                     intake.insert(Intake::start(t, Arc::clone(writer)))
                 }
             };
-            intake.push(request, chunk_index, payload).await?;
+            // The payload is the frame's last bytes; it stays there.
+            intake.push(request, chunk_index, at.end - payload.len(), payload.len());
         }
     }
     Ok(())

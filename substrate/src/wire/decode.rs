@@ -450,8 +450,48 @@ impl Decoder {
         &mut self.buf
     }
 
+    /// [`Decoder::receive_buffer`] that leaves the frames decoded so far
+    /// where they are: ranges from [`Decoder::poll_frame_at`] stay valid
+    /// until [`Decoder::take_consumed`] hands them out. The buffer grows
+    /// until then; the caller bounds it by taking them regularly.
+    pub fn receive_buffer_keeping(&mut self, min: usize) -> &mut Vec<u8> {
+        if self.failed.is_some() {
+            // Nothing fed after a failure is ever decoded; what was decoded
+            // before it stays for `take_consumed`.
+            self.buf.truncate(self.start);
+        }
+        self.buf.reserve(min);
+        &mut self.buf
+    }
+
+    /// Hands out the buffer holding every frame decoded so far, at the
+    /// positions [`Decoder::poll_frame_at`] reported (its length is where
+    /// the next frame starts), and goes on in `fresh` (emptied first; pass
+    /// a recycled buffer), into which the bytes not yet decoded (less than
+    /// one frame) are moved. A receiver can so keep payloads where they
+    /// were received instead of copying them out of the decoder.
+    pub fn take_consumed(&mut self, mut fresh: Vec<u8>) -> Vec<u8> {
+        fresh.clear();
+        fresh.extend_from_slice(&self.buf[self.start..]);
+        let mut consumed = std::mem::replace(&mut self.buf, fresh);
+        consumed.truncate(self.start);
+        self.start = 0;
+        consumed
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn poll_frame(&mut self) -> Result<Option<Frame<'_>>, DecodeError> {
+        Ok(self.poll_frame_at()?.map(|(_, frame)| frame))
+    }
+
+    /// [`Decoder::poll_frame`], with where the frame lies in the buffer
+    /// (valid until the buffer is compacted by [`Decoder::feed`] or
+    /// [`Decoder::receive_buffer`], or handed out by
+    /// [`Decoder::take_consumed`]). A `Data` frame's payload is the last
+    /// `payload.len()` bytes of its range.
+    pub fn poll_frame_at(
+        &mut self,
+    ) -> Result<Option<(std::ops::Range<usize>, Frame<'_>)>, DecodeError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -476,7 +516,7 @@ impl Decoder {
         match decode_frame(&self.buf[at..at + len], &self.limits) {
             Ok(Some((frame, _))) => {
                 self.start = at + len;
-                Ok(Some(frame))
+                Ok(Some((at..at + len, frame)))
             }
             // Not reached: the header passed and all `len` bytes are here.
             Ok(None) => Ok(None),
@@ -487,10 +527,12 @@ impl Decoder {
         }
     }
 
+    /// Fails for good. The bytes after the last good frame go; the frames
+    /// decoded before it stay where [`Decoder::poll_frame_at`] said, for
+    /// [`Decoder::take_consumed`] (a receiver may still hold payloads there).
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.failed = Some(e.clone());
-        self.buf = Vec::new();
-        self.start = 0;
+        self.buf.truncate(self.start);
         e
     }
 

@@ -261,6 +261,53 @@ proptest! {
         prop_assert_eq!(decode_in_pieces(&bytes, &singles).unwrap(), frames);
     }
 
+    /// A receiver that keeps payloads where they arrived: fed with
+    /// `receive_buffer_keeping`, the buffers `take_consumed` hands out at
+    /// arbitrary points hold every frame at the range `poll_frame_at`
+    /// reported, and decoding goes on from the carried-over rest.
+    #[test]
+    fn kept_frames_are_where_poll_frame_at_said(
+        frames in prop::collection::vec(frame(), 1..12),
+        cuts in prop::collection::vec(any::<usize>(), 0..40),
+        takes in prop::collection::vec(any::<bool>(), 0..40),
+    ) {
+        let bytes = encode_all(&frames);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.extend([0, bytes.len()]);
+        cuts.sort_unstable();
+        let mut d = Decoder::new(Limits::DEFAULT);
+        // Frames decoded since the last take: (range, frame).
+        let mut pending: Vec<(std::ops::Range<usize>, Owned)> = Vec::new();
+        let mut out = Vec::new();
+        let mut check = |buf: Vec<u8>, pending: &mut Vec<(std::ops::Range<usize>, Owned)>| {
+            for (range, f) in pending.drain(..) {
+                let (again, len) = decode_frame(&buf[range.clone()], &Limits::DEFAULT)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(len, range.len());
+                if let Frame::Data { payload, .. } = again {
+                    assert_eq!(&buf[range.end - payload.len()..range.end], payload);
+                }
+                assert_eq!(Owned::of(&again), f.clone());
+                out.push(f);
+            }
+        };
+        for (i, w) in cuts.windows(2).enumerate() {
+            d.receive_buffer_keeping(w[1] - w[0]).extend_from_slice(&bytes[w[0]..w[1]]);
+            while let Some((range, f)) = d.poll_frame_at().unwrap() {
+                pending.push((range, Owned::of(&f)));
+            }
+            if takes.get(i).copied().unwrap_or(false) {
+                let buf = d.take_consumed(vec![0xEE; 5]);
+                check(buf, &mut pending);
+            }
+        }
+        let buf = d.take_consumed(Vec::new());
+        check(buf, &mut pending);
+        prop_assert_eq!(d.buffered_bytes(), 0);
+        prop_assert_eq!(out, frames);
+    }
+
     #[test]
     fn random_bytes_never_panic(
         data in prop::collection::vec(any::<u8>(), 0..2048),
@@ -363,6 +410,31 @@ fn oversized_length_prefix_is_refused_without_allocating() {
     let h = header(u32::MAX, FrameKind::Data as u8);
     assert_eq!(frame_len(&h, &Limits::DEFAULT), Err(e.clone()));
     assert_eq!(decode_frame(&h, &Limits::DEFAULT), Err(e));
+}
+
+/// A malformed frame after good ones: the good ones stay where
+/// `poll_frame_at` said for `take_consumed` (a receiver keeping payloads in
+/// the decoder's buffer still writes what it verified), the rest is dropped.
+#[test]
+fn failure_keeps_the_frames_decoded_before_it() {
+    let good = Owned::Data(RequestId(3), 9, vec![7u8; 100]);
+    let mut bytes = encode_all(std::slice::from_ref(&good));
+    bytes.extend_from_slice(&header(u32::MAX, FrameKind::Data as u8));
+    let mut d = Decoder::new(Limits::DEFAULT);
+    d.receive_buffer_keeping(bytes.len())
+        .extend_from_slice(&bytes);
+    let (range, f) = d.poll_frame_at().unwrap().unwrap();
+    assert_eq!(Owned::of(&f), good);
+    assert!(d.poll_frame_at().is_err());
+    // Later input is dropped, the error sticks, the good frame stays.
+    d.receive_buffer_keeping(64).extend_from_slice(&[1u8; 64]);
+    assert!(d.poll_frame_at().is_err());
+    let kept = d.take_consumed(Vec::new());
+    assert_eq!(kept.len(), range.end);
+    let (again, _) = decode_frame(&kept[range], &Limits::DEFAULT)
+        .unwrap()
+        .unwrap();
+    assert_eq!(Owned::of(&again), good);
 }
 
 #[test]
