@@ -259,7 +259,10 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 } else {
                     decoder.receive_buffer(READ_BYTES)
                 };
-                tokio::time::timeout(idle, read.read_buf(buf)).await
+                // At most READ_BYTES a read: `read_buf` would fill all the
+                // spare capacity, and a kept buffer's grows by doubling.
+                let mut buf = bytes::BufMut::limit(buf, READ_BYTES);
+                tokio::time::timeout(idle, read.read_buf(&mut buf)).await
             } => match r {
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
