@@ -673,40 +673,86 @@ fn hostile_frame_closes_only_that_connection() {
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
+/// Two sources A and C, each uploading at 8 MiB/s (32 MiB take ~2 s from
+/// both), holding the same 32 MiB blob, and B fetching it from both with
+/// `--json fetch --out` (spawned, not waited for).
+struct TwoSlowSources {
+    a: Envoy,
+    b: Envoy,
+    c: Envoy,
+    data: Vec<u8>,
+    out_path: PathBuf,
+    fetch: Child,
+}
+
+impl TwoSlowSources {
+    fn start(seed: u64) -> TwoSlowSources {
+        let slow = "rate:\n  upload_bytes_per_s: 8388608\n";
+        let (mut a, mut b, mut c) = (
+            Envoy::with_extra(slow),
+            Envoy::new(),
+            Envoy::with_extra(slow),
+        );
+        a.allow(&[&b]);
+        b.allow(&[&a, &c]);
+        c.allow(&[&b]);
+        a.start();
+        b.start();
+        c.start();
+        let data = random(32 << 20, seed);
+        let id = a.add(&a.file("blob", &data));
+        assert_eq!(c.add(&c.file("blob", &data)), id);
+        let out_path = b.dir.path().join("out.bin");
+        let fetch = b
+            .cmd(&[
+                "--json",
+                "fetch",
+                &id,
+                "--from",
+                &format!("{},{}", a.addr(), c.addr()),
+                "--out",
+            ])
+            .arg(&out_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        TwoSlowSources {
+            a,
+            b,
+            c,
+            data,
+            out_path,
+            fetch,
+        }
+    }
+}
+
+/// The entry for source `addr` in the `peers` of `envoy --json fetch`'s
+/// output.
+fn peer_report(stdout: &[u8], addr: &str) -> Value {
+    let report: Value = serde_json::from_slice(stdout).unwrap();
+    report["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == addr)
+        .unwrap_or_else(|| panic!("no peer {addr} in {report}"))
+        .clone()
+}
+
 #[test]
 fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
-    // Both sources upload at 8 MiB/s per connection, so 32 MiB take ~2 s.
-    let slow = "rate:\n  upload_bytes_per_s: 8388608\n";
-    let (mut a, mut b, mut c) = (
-        Envoy::with_extra(slow),
-        Envoy::new(),
-        Envoy::with_extra(slow),
-    );
-    a.allow(&[&b]);
-    b.allow(&[&a, &c]);
-    c.allow(&[&b]);
-    a.start();
-    b.start();
-    c.start();
-    let data = random(32 << 20, 11);
-    let id = a.add(&a.file("blob", &data));
-    assert_eq!(c.add(&c.file("blob", &data)), id);
+    // Every field bound: an `Envoy` dropped here would stop its daemon.
+    let TwoSlowSources {
+        mut a,
+        b: _b,
+        c,
+        data,
+        out_path,
+        fetch,
+    } = TwoSlowSources::start(11);
     let (a_addr, c_addr) = (a.addr(), c.addr());
-    let out_path = b.dir.path().join("out.bin");
-    let fetch = b
-        .cmd(&[
-            "--json",
-            "fetch",
-            &id,
-            "--from",
-            &format!("{a_addr},{c_addr}"),
-            "--out",
-        ])
-        .arg(&out_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     a.kill();
     let out = fetch.wait_with_output().unwrap();
@@ -715,19 +761,13 @@ fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
         "fetch failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let peer = |addr: &str| {
-        report["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["addr"] == addr)
-            .unwrap()
-            .clone()
-    };
-    assert!(peer(&a_addr)["error"].is_string(), "{report}");
-    assert!(peer(&a_addr)["bytes"].as_u64().unwrap() < data.len() as u64);
-    assert!(peer(&c_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
+    let (from_a, from_c) = (
+        peer_report(&out.stdout, &a_addr),
+        peer_report(&out.stdout, &c_addr),
+    );
+    assert!(from_a["error"].is_string(), "{from_a}");
+    assert!(from_a["bytes"].as_u64().unwrap() < data.len() as u64);
+    assert!(from_c["bytes"].as_u64().unwrap() > 0, "{from_c}");
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
@@ -737,38 +777,15 @@ fn source_dying_mid_fetch_is_dropped_and_its_work_reissued() {
 #[test]
 fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
     use nix::sys::signal::{Signal, kill};
-    // Both sources upload at 8 MiB/s, so 32 MiB take ~2 s from both.
-    let slow = "rate:\n  upload_bytes_per_s: 8388608\n";
-    let (mut a, mut b, mut c) = (
-        Envoy::with_extra(slow),
-        Envoy::new(),
-        Envoy::with_extra(slow),
-    );
-    a.allow(&[&b]);
-    b.allow(&[&a, &c]);
-    c.allow(&[&b]);
-    a.start();
-    b.start();
-    c.start();
-    let data = random(32 << 20, 14);
-    let id = a.add(&a.file("blob", &data));
-    assert_eq!(c.add(&c.file("blob", &data)), id);
+    let TwoSlowSources {
+        a,
+        b,
+        c,
+        data,
+        out_path,
+        mut fetch,
+    } = TwoSlowSources::start(14);
     let (a_addr, c_addr) = (a.addr(), c.addr());
-    let out_path = b.dir.path().join("out.bin");
-    let mut fetch = b
-        .cmd(&[
-            "--json",
-            "fetch",
-            &id,
-            "--from",
-            &format!("{a_addr},{c_addr}"),
-            "--out",
-        ])
-        .arg(&out_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Freeze C once it is serving, so the stall is mid-transfer.
     assert!(
         common::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
@@ -796,20 +813,10 @@ fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
         "fetch failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let peer = |addr: &str| {
-        report["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["addr"] == addr)
-            .unwrap()
-            .clone()
-    };
-    let from_c = peer(&c_addr)["bytes"].as_u64().unwrap();
-    assert!(from_c > 0, "{report}");
-    assert!(from_c < data.len() as u64, "{report}");
-    assert!(peer(&a_addr)["bytes"].as_u64().unwrap() > 0, "{report}");
+    let from_c = peer_report(&out.stdout, &c_addr)["bytes"].as_u64().unwrap();
+    assert!(from_c > 0, "C served nothing to this fetch");
+    assert!(from_c < data.len() as u64, "C served everything");
+    assert!(peer_report(&out.stdout, &a_addr)["bytes"].as_u64().unwrap() > 0);
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
