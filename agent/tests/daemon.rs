@@ -621,12 +621,44 @@ fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
     );
 }
 
-#[test]
-fn hostile_frame_closes_only_that_connection() {
-    use agent::identity::HostKey;
+/// Connects to `to` over mTLS as `key` (which `to` admits), checks that it
+/// is talking to `to`, sends `bytes` and returns everything `to` sends
+/// until it closes the connection or `wait` passes.
+fn raw_exchange(
+    key: &agent::identity::HostKey,
+    to: &Envoy,
+    bytes: &[u8],
+    wait: Duration,
+) -> Vec<u8> {
     use agent::tls::{self, AllowList};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let to_key: agent::identity::PeerKey = to.key.parse().unwrap();
+    rt.block_on(async {
+        let verifier = Arc::new(AllowList::new(vec![to_key]));
+        let connector =
+            tokio_rustls::TlsConnector::from(tls::client_config(key, verifier).unwrap());
+        let tcp = tokio::net::TcpStream::connect(to.addr()).await.unwrap();
+        let (mut stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(peer, to_key);
+        stream.write_all(bytes).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(wait, stream.read_to_end(&mut got)).await;
+        got
+    })
+}
+
+#[test]
+fn hostile_frame_closes_only_that_connection() {
+    use agent::identity::HostKey;
 
     let intruder = HostKey::generate().unwrap();
     let (mut a, mut b) = (Envoy::new(), Envoy::new());
@@ -640,30 +672,13 @@ fn hostile_frame_closes_only_that_connection() {
     let data = random(2 << 20, 10);
     let id = a.add(&a.file("blob", &data));
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
-    let received = rt.block_on(async {
-        let verifier = Arc::new(AllowList::new(vec![a_key]));
-        let connector =
-            tokio_rustls::TlsConnector::from(tls::client_config(&intruder, verifier).unwrap());
-        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
-        let (mut stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
-            .await
-            .unwrap();
-        assert_eq!(peer, a_key);
-        // A header claiming a 4 GiB body of an unknown kind.
-        stream
-            .write_all(&[0xff, 0xff, 0xff, 0xff, 0xee, 0, 0, 0])
-            .await
-            .unwrap();
-        stream.flush().await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
-        got
-    });
+    // A header claiming a 4 GiB body of an unknown kind.
+    let received = raw_exchange(
+        &intruder,
+        &a,
+        &[0xff, 0xff, 0xff, 0xff, 0xee, 0, 0, 0],
+        Duration::from_secs(10),
+    );
     // A answered with its Hello and then closed (a Close frame follows).
     assert!(!received.is_empty());
     assert!(a.wait_log("malformed frame"), "{}", a.log());
@@ -826,10 +841,7 @@ fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
 #[test]
 fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
     use agent::identity::HostKey;
-    use agent::tls::{self, AllowList};
-    use std::sync::Arc;
     use substrate::wire::{self, CloseCode, Decoder, Frame, Hello, Limits, Request, RequestId};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const CREDIT: u64 = 4 << 20;
     let intruder = HostKey::generate().unwrap();
@@ -859,19 +871,7 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
         .spawn()
         .unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
-    let received = rt.block_on(async {
-        let verifier = Arc::new(AllowList::new(vec![a_key]));
-        let connector =
-            tokio_rustls::TlsConnector::from(tls::client_config(&intruder, verifier).unwrap());
-        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
-        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
-            .await
-            .unwrap();
+    let received = {
         let mut bytes = Vec::new();
         let hello = Hello {
             version: wire::PROTOCOL_VERSION,
@@ -888,12 +888,8 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
             chunk_count: chunks,
         };
         wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut bytes).unwrap();
-        stream.write_all(&bytes).await.unwrap();
-        stream.flush().await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got)).await;
-        got
-    });
+        raw_exchange(&intruder, &a, &bytes, Duration::from_secs(30))
+    };
     // A told its credit in its Hello, sent no chunk, and closed with LIMIT.
     let mut decoder = Decoder::new(Limits::DEFAULT);
     decoder.feed(&received);
