@@ -596,7 +596,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// Removes a file or directory tree if it exists.
 /// The `cp SRC DEST && sync` baseline: seconds to make one durable copy of
 /// `src` at `dest` the way an operator would, through the page cache and
 /// the kernel's writeback. `dest` is removed, untimed, before and after.
@@ -616,6 +615,7 @@ pub fn cp_sync(src: &Path, dest: &Path, deadline: Duration) -> Result<f64> {
     Ok(out?.seconds)
 }
 
+/// Removes a file or directory tree if it exists.
 pub fn remove_path(path: &Path) -> Result<()> {
     let result = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
