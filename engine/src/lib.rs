@@ -11,6 +11,7 @@ mod ingest;
 pub mod io;
 pub mod manifest;
 pub mod mem;
+mod partial_io;
 pub mod store;
 #[allow(unsafe_code)] // reason: the one module where unsafe lives, see its docs
 pub mod sys;

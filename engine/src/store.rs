@@ -49,6 +49,7 @@ use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
 use crate::manifest::{
     ChunkEntry, EncodedPage, Manifest, ManifestError, ManifestLimits, ManifestRoot, PageRef,
 };
+use crate::partial_io::{Claims, RunWriter};
 use crate::sys::{self, SealedMap};
 
 /// Lifecycle of a blob in the index.
@@ -1457,6 +1458,8 @@ pub struct WriteTimings {
     pub writeback_ns: std::sync::atomic::AtomicU64,
     /// Bytes written since writeback was last started.
     unstarted: std::sync::atomic::AtomicU64,
+    /// Bytes written (each chunk once, however many peers sent it).
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 impl WriteTimings {
@@ -1571,6 +1574,8 @@ pub struct PartialWriter {
     root: ManifestRoot,
     path: PathBuf,
     file: File,
+    runs: RunWriter,
+    claims: Claims,
     pages: PageCache,
     rows: Mutex<RowsState>,
     timings: WriteTimings,
@@ -1584,26 +1589,29 @@ impl fmt::Debug for PartialWriter {
     }
 }
 
-/// Verifies received chunks against their manifest entries (`None`: no such
-/// chunk) and writes the ones that match; returns the verdict per chunk.
-///
-/// A batch because both halves are cheaper that way: the hashes are computed
-/// together, one SIMD lane per chunk ([`sys::hash_batch`]), and chunks
-/// consecutive in the blob go out as one vectored write. Chunks start at
-/// arbitrary offsets, and a write that covers part of a block not yet in the
-/// page cache first zeroes that block (and ext4 the rest of its folio): one
-/// `pwrite` per ~10 KiB chunk spent as much time in that `memset` as in the
-/// copy itself (perf, 4 GiB fetch), one write per run only at its two ends.
 /// Bytes a partial blob's writers write between two starts of its writeback.
 const WRITEBACK_START_BYTES: u64 = 8 << 20;
 
+/// Verifies received chunks against their manifest entries (`None`: no such
+/// chunk) and writes the ones that match; returns the verdict per chunk. A
+/// chunk another writer claimed first is not written again: this waits
+/// until it is in the file.
+///
+/// A batch because both halves are cheaper that way: the hashes are computed
+/// together, one SIMD lane per chunk ([`sys::hash_batch`]), and chunks
+/// consecutive in the blob go out as one run ([`RunWriter::write_run`]: the
+/// run's block-aligned middle with direct IO, its ends through the page
+/// cache). Chunks start at arbitrary offsets, and a buffered write that
+/// covers part of a block not yet in the page cache first zeroes that block
+/// (and ext4 the rest of its folio): one `pwrite` per ~10 KiB chunk spent as
+/// much time in that `memset` as in the copy itself (perf, 4 GiB fetch, all
+/// writes buffered then).
 fn verify_and_write(
-    file: &File,
-    path: &Path,
+    w: &PartialWriter,
     chunks: &[(u64, &[u8])],
     entries: &[Option<ChunkEntry>],
-    timings: &WriteTimings,
 ) -> Result<Vec<bool>, StoreError> {
+    let (file, path, timings) = (&w.file, &w.path, &w.timings);
     let started = std::time::Instant::now();
     debug_assert_eq!(chunks.len(), entries.len());
     let mut verdicts: Vec<bool> = chunks
@@ -1619,19 +1627,33 @@ fn verify_and_write(
     for (&i, h) in candidates.iter().zip(&hashes) {
         verdicts[i] = entries[i].is_some_and(|e| *h == e.hash.0);
     }
-    // Runs of matching chunks that are contiguous in the file.
+    // Each matching chunk is written by the first writer to claim it; the
+    // others wait for it below (see `partial_io`).
+    let mut mine: Vec<u64> = Vec::new();
+    let mut theirs: Vec<u64> = Vec::new();
+    // Runs of claimed chunks that are contiguous in the file.
     let mut run: Vec<&[u8]> = Vec::new();
     let mut run_start = 0u64;
     let mut run_end = 0u64;
     let mut written_bytes = 0u64;
-    for (i, &(_, bytes)) in chunks.iter().enumerate() {
+    let write = |start: u64, run: &[&[u8]]| {
+        w.runs.write_run(file, start, run).map_err(|e| {
+            w.claims.fail();
+            StoreError::io("cannot write", path)(e)
+        })
+    };
+    for (i, &(index, bytes)) in chunks.iter().enumerate() {
         let Some(e) = entries[i].filter(|_| verdicts[i]) else {
             continue;
         };
+        if !w.claims.claim(index) {
+            theirs.push(index);
+            continue;
+        }
+        mine.push(index);
         if run.is_empty() || e.offset != run_end || run.len() == sys::IOV_MAX {
             if !run.is_empty() {
-                sys::write_all_vectored_at(file, run_start, &run)
-                    .map_err(StoreError::io("cannot write", path))?;
+                write(run_start, &run)?;
                 run.clear();
             }
             run_start = e.offset;
@@ -1641,13 +1663,22 @@ fn verify_and_write(
         written_bytes += u64::from(e.len);
     }
     if !run.is_empty() {
-        sys::write_all_vectored_at(file, run_start, &run)
-            .map_err(StoreError::io("cannot write", path))?;
+        write(run_start, &run)?;
+    }
+    w.claims.mark_written(mine);
+    if !theirs.is_empty() && !w.claims.wait_written(&theirs) {
+        return Err(StoreError::io("cannot write", path)(io::Error::other(
+            "another writer of this blob failed",
+        )));
     }
     let written = WriteTimings::add(&timings.write_ns, hashed);
-    // Writeback is started for the whole file every WRITEBACK_START_BYTES,
-    // not per batch: with three sources batches average ~200 KiB, and one
-    // `sync_file_range` each took ~10 s of 19 s summed over the writers.
+    // Writeback of the page-cache part (the ends of runs) is started for the
+    // whole file every WRITEBACK_START_BYTES, not per batch: with three
+    // sources batches average ~200 KiB, and one `sync_file_range` each took
+    // ~10 s of 19 s summed over the writers (all writes buffered then).
+    timings
+        .bytes
+        .fetch_add(written_bytes, std::sync::atomic::Ordering::Relaxed);
     let unstarted = timings
         .unstarted
         .fetch_add(written_bytes, std::sync::atomic::Ordering::Relaxed)
@@ -1681,6 +1712,8 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(StoreError::io("cannot open", &path))?;
+        let runs = RunWriter::open(&path).map_err(StoreError::io("cannot open", &path))?;
+        let chunk_count = r.root.chunk_count;
         let rows = RowsState {
             done: vec![false; r.root.pages.len()],
             completed: Vec::new(),
@@ -1691,6 +1724,8 @@ impl Store {
             root: r.root,
             path,
             file,
+            runs,
+            claims: Claims::new(chunk_count),
             pages: PageCache::new(WRITER_PAGES_CACHED),
             rows: Mutex::new(rows),
             timings: WriteTimings::default(),
@@ -1731,7 +1766,7 @@ impl PartialWriter {
             .iter()
             .map(|&(index, _)| self.entry(index))
             .collect::<Result<Vec<_>, _>>()?;
-        verify_and_write(&self.file, &self.path, chunks, &entries, &self.timings)
+        verify_and_write(self, chunks, &entries)
     }
 
     /// Reads chunks `chunks` back from the blob's file, each of which must
@@ -1811,6 +1846,16 @@ impl PartialWriter {
     /// Where [`PartialWriter::write_batch`] spent its time so far.
     pub fn timings(&self) -> &WriteTimings {
         &self.timings
+    }
+
+    /// Bytes [`PartialWriter::write_batch`] wrote so far, and how many of
+    /// them with direct IO.
+    pub fn bytes_written(&self) -> (u64, u64) {
+        let total = self
+            .timings
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (total, self.runs.direct_bytes())
     }
 
     /// Makes the chunks `indices` (each written by [`PartialWriter::write_batch`])

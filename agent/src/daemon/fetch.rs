@@ -471,10 +471,12 @@ pub(crate) async fn fetch(
     }
     let received = started.elapsed();
     let (batches, hash_s, write_s, writeback_s) = writer.timings().seconds();
+    let (written, direct) = writer.bytes_written();
+    let direct_pct = direct as f64 * 100.0 / written.max(1) as f64;
     blocking(move || writer.seal()).await?;
     tracing::info!(
         "fetched {id}: received in {:.2} s, sealed in {:.2} s; {batches} batches: hashing {hash_s:.2} s, \
-         writing {write_s:.2} s, starting writeback {writeback_s:.2} s; readers waited {:.2} s for them",
+         writing {write_s:.2} s ({direct_pct:.0}% of {written} bytes direct), starting writeback {writeback_s:.2} s; readers waited {:.2} s for them",
         received.as_secs_f64(),
         (started.elapsed() - received).as_secs_f64(),
         intakes.reader_wait_s(),

@@ -183,6 +183,24 @@ pub fn create_for_writing(path: &Path, direct: bool) -> io::Result<(File, bool)>
     Ok((open(0)?, false))
 }
 
+/// Opens the existing file at `path` a second time for direct
+/// (cache-bypassing) writes; `None` where the platform or filesystem refuses
+/// direct IO (see [`create_for_writing`]).
+pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => return Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(e),
+    }
+    let _ = path;
+    Ok(None)
+}
+
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`
 /// inside the kernel where it can (`copy_file_range`: no userspace copy, a
 /// reflink on filesystems that share extents), else through a buffer.
