@@ -66,7 +66,8 @@ pub(crate) struct RunWriter {
     /// The file opened again with O_DIRECT; `None` where refused.
     direct: Option<File>,
     /// False once a direct write was refused (an alignment larger than
-    /// [`sys::DIRECT_ALIGN`]): everything then goes through the page cache.
+    /// [`sys::DIRECT_ALIGN`]), or for a file read back as it is written:
+    /// everything then goes through the page cache.
     direct_ok: AtomicBool,
     slabs: Option<Arc<SlabPool>>,
     direct_bytes: AtomicU64,
@@ -85,6 +86,11 @@ impl RunWriter {
             slabs,
             direct_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Writes everything from now on through the page cache.
+    pub(crate) fn write_through_cache(&self) {
+        self.direct_ok.store(false, Ordering::Relaxed);
     }
 
     /// Bytes written with direct IO so far.

@@ -1848,6 +1848,12 @@ impl PartialWriter {
         &self.timings
     }
 
+    /// Writes everything from now on through the page cache: for a blob
+    /// that is read back as it arrives (an export following the fetch).
+    pub fn write_through_cache(&self) {
+        self.runs.write_through_cache();
+    }
+
     /// Bytes [`PartialWriter::write_batch`] wrote so far, and how many of
     /// them with direct IO.
     pub fn bytes_written(&self) -> (u64, u64) {
