@@ -1787,6 +1787,13 @@ impl PartialWriter {
         let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
         let mut next = chunks.start;
         let mut hashes = Vec::new();
+        // Read ahead no further than the last chunk asked for.
+        let limit = match chunks.end.checked_sub(1).map(|last| self.entry(last)) {
+            Some(Ok(Some(e))) => e.end(),
+            Some(Err(e)) => return Err(e),
+            _ => 0,
+        };
+        let mut direct = self.runs.direct_reader();
         while next < chunks.end {
             let page = u32::try_from(next / per_page)
                 .ok()
@@ -1814,10 +1821,21 @@ impl PartialWriter {
                     end += 1;
                 }
                 let span = &entries[(next - page_first) as usize..(end - page_first) as usize];
-                let mut buf = vec![0u8; bytes];
-                self.file
-                    .read_exact_at(&mut buf, span[0].offset)
-                    .map_err(StoreError::io("cannot read", &self.path))?;
+                let read_error = StoreError::io("cannot read", &self.path);
+                let buf = match direct
+                    .as_mut()
+                    .map(|r| r.read(span[0].offset, bytes, limit))
+                {
+                    Some(Ok(Some(slice))) => slice.to_vec(),
+                    Some(Err(e)) => return Err(read_error(e)),
+                    None | Some(Ok(None)) => {
+                        let mut buf = vec![0u8; bytes];
+                        self.file
+                            .read_exact_at(&mut buf, span[0].offset)
+                            .map_err(read_error)?;
+                        buf
+                    }
+                };
                 let mut msgs = Vec::with_capacity(span.len());
                 let mut at = 0usize;
                 for e in span {
@@ -1846,12 +1864,6 @@ impl PartialWriter {
     /// Where [`PartialWriter::write_batch`] spent its time so far.
     pub fn timings(&self) -> &WriteTimings {
         &self.timings
-    }
-
-    /// Writes everything from now on through the page cache: for a blob
-    /// that is read back as it arrives (an export following the fetch).
-    pub fn write_through_cache(&self) {
-        self.runs.write_through_cache();
     }
 
     /// Bytes [`PartialWriter::write_batch`] wrote so far, and how many of

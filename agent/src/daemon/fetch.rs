@@ -231,14 +231,7 @@ pub(crate) async fn fetch(
     };
     // The whole manifest (tens of MB for a large blob) was just freed.
     crate::sys::release_free_heap();
-    let writer = store.partial_writer(&id)?;
-    if written.is_some() {
-        // The export reads each chunk back moments after it is written:
-        // from the page cache that is a copy, after a direct write a disk
-        // read (4 GiB `fetch --out`: 14.6 s against 8.0).
-        writer.write_through_cache();
-    }
-    let writer = Arc::new(writer);
+    let writer = Arc::new(store.partial_writer(&id)?);
     let _ = writer_slot.set(Arc::clone(&writer));
     let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
     let (before_bytes, missing_bytes) = (sum(&before), sum(&missing));

@@ -184,11 +184,12 @@ pub fn create_for_writing(path: &Path, direct: bool) -> io::Result<(File, bool)>
 }
 
 /// Opens the existing file at `path` a second time for direct
-/// (cache-bypassing) writes; `None` where the platform or filesystem refuses
-/// direct IO (see [`create_for_writing`]).
+/// (cache-bypassing) reads and writes; `None` where the platform or
+/// filesystem refuses direct IO (see [`create_for_writing`]).
 pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
     #[cfg(any(target_os = "linux", target_os = "freebsd"))]
     match OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
