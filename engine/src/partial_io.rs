@@ -424,7 +424,10 @@ mod tests {
             }
             assert!(back == data, "direct reads differ from what was written");
             assert!(
-                reader.read(0, DIRECT_SLAB_BYTES + 1, len as u64).unwrap().is_none(),
+                reader
+                    .read(0, DIRECT_SLAB_BYTES + 1, len as u64)
+                    .unwrap()
+                    .is_none(),
                 "more than a slab is left to the page cache"
             );
         }

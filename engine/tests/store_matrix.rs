@@ -7,7 +7,7 @@ use std::path::Path;
 use engine::chunker::{Chunker, ChunkerParams};
 use engine::hash::BlobId;
 use engine::io::{IoMode, SLAB_BYTES};
-use engine::manifest::Manifest;
+use engine::manifest::{ChunkEntry, Manifest};
 use engine::mem::MemStore;
 use engine::store::{BlobState, Owner, Store, StoreError, StoreOptions};
 use rand::rngs::StdRng;
@@ -73,6 +73,16 @@ fn variants(rng: &mut StdRng, base_len: usize) -> Vec<Vec<u8>> {
     }
     let truncated = base[..base_len * 2 / 3].to_vec();
     vec![base, inserted, edited, truncated, Vec::new(), b"x".to_vec()]
+}
+
+/// `len` random bytes (from `seed`) chunked at average `avg`: the
+/// parameters, the bytes, their manifest and its entries.
+fn chunked(avg: u32, seed: u64, len: usize) -> (ChunkerParams, Vec<u8>, Manifest, Vec<ChunkEntry>) {
+    let params = ChunkerParams::with_avg(avg).unwrap();
+    let data = random(&mut StdRng::seed_from_u64(seed), len);
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let entries = m.entries().unwrap();
+    (params, data, m, entries)
 }
 
 fn read_all(store: &Store, id: &BlobId) -> Result<Vec<u8>, StoreError> {
@@ -261,12 +271,8 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
 /// disk stops the read before it is handed out.
 #[test]
 fn partial_writer_reads_back_what_it_wrote() {
-    let params = ChunkerParams::with_avg(4096).unwrap();
-    let mut rng = StdRng::seed_from_u64(11);
-    let data = random(&mut rng, 3 << 20);
-    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let (_, data, m, entries) = chunked(4096, 11, 3 << 20);
     let id = m.id();
-    let entries = m.entries().unwrap();
     let n = entries.len() as u64;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
@@ -329,11 +335,6 @@ fn partial_writer_reads_back_what_it_wrote() {
     ));
 }
 
-/// The receiving path of a fetch: batches verified and written by a
-/// `PartialWriter` (bad and out-of-range chunks refused per chunk), commits
-/// that write the chunk rows of completed pages as they go, and a seal that
-/// writes the rest. Enough pages (tiny chunks) that both happen; every
-/// chunk must then be found for delta assembly, whichever wrote its row.
 /// Several writers deliver the same chunks at once, cut at different
 /// boundaries (endgame duplicates from several peers): every copy is
 /// reported good only once the chunk is in the file, and the sealed blob
@@ -342,12 +343,8 @@ fn partial_writer_reads_back_what_it_wrote() {
 /// meet at every kind of edge.
 #[test]
 fn duplicate_chunks_from_concurrent_writers_all_verify_and_seal() {
-    let params = ChunkerParams::with_avg(256).unwrap();
-    let mut rng = StdRng::seed_from_u64(21);
-    let data = random(&mut rng, 8 << 20);
-    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
+    let (params, data, m, entries) = chunked(256, 21, 8 << 20);
     let id = m.id();
-    let entries = m.entries().unwrap();
     let chunks = entries.len() as u64;
     let bytes_of = |i: u64| {
         let e = entries[i as usize];
@@ -393,6 +390,11 @@ fn duplicate_chunks_from_concurrent_writers_all_verify_and_seal() {
     }
 }
 
+/// The receiving path of a fetch: batches verified and written by a
+/// `PartialWriter` (bad and out-of-range chunks refused per chunk), commits
+/// that write the chunk rows of completed pages as they go, and a seal that
+/// writes the rest. Enough pages (tiny chunks) that both happen; every
+/// chunk must then be found for delta assembly, whichever wrote its row.
 #[test]
 fn partial_writer_batches_commits_and_seals() {
     let params = ChunkerParams::with_avg(256).unwrap();
