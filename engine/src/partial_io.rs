@@ -170,8 +170,9 @@ pub(crate) struct DirectReader<'a> {
 }
 
 impl RunWriter {
-    /// A reader of the file (`file`: the direct descriptor is the writer's
-    /// own); `None` where this writer does not write direct.
+    /// A direct reader of the file, through the writer's own direct
+    /// descriptor and one of its slabs; `None` where this writer does not
+    /// write direct.
     pub(crate) fn direct_reader(&self) -> Option<DirectReader<'_>> {
         let (Some(file), Some(slabs)) = (&self.direct, &self.slabs) else {
             return None;

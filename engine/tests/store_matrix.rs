@@ -9,7 +9,7 @@ use engine::hash::BlobId;
 use engine::io::{IoMode, SLAB_BYTES};
 use engine::manifest::{ChunkEntry, Manifest};
 use engine::mem::MemStore;
-use engine::store::{BlobState, Owner, Store, StoreError, StoreOptions};
+use engine::store::{BlobState, Owner, PartialWriter, Store, StoreError, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -83,6 +83,18 @@ fn chunked(avg: u32, seed: u64, len: usize) -> (ChunkerParams, Vec<u8>, Manifest
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
     let entries = m.entries().unwrap();
     (params, data, m, entries)
+}
+
+/// A store in `dir` with `m` begun as a partial blob, and its writer.
+fn begin_partial(
+    dir: &Path,
+    options: &StoreOptions,
+    m: &Manifest,
+) -> (std::sync::Arc<Store>, PartialWriter) {
+    let store = std::sync::Arc::new(Store::open(&dir.join("s"), options.clone()).unwrap());
+    store.begin_partial(m, &owner()).unwrap();
+    let writer = store.partial_writer(&m.id()).unwrap();
+    (store, writer)
 }
 
 fn read_all(store: &Store, id: &BlobId) -> Result<Vec<u8>, StoreError> {
@@ -352,10 +364,7 @@ fn duplicate_chunks_from_concurrent_writers_all_verify_and_seal() {
     };
     for (label, options) in backends(params) {
         let tmp = tempfile::tempdir().unwrap();
-        let store =
-            std::sync::Arc::new(Store::open(&tmp.path().join("s"), options.clone()).unwrap());
-        store.begin_partial(&m, &owner()).unwrap();
-        let writer = store.partial_writer(&id).unwrap();
+        let (store, writer) = begin_partial(tmp.path(), &options, &m);
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 let (writer, bytes_of) = (&writer, &bytes_of);
@@ -414,10 +423,7 @@ fn partial_writer_batches_commits_and_seals() {
     let entries = m.entries().unwrap();
     for (label, options) in backends(params) {
         let tmp = tempfile::tempdir().unwrap();
-        let store =
-            std::sync::Arc::new(Store::open(&tmp.path().join("s"), options.clone()).unwrap());
-        store.begin_partial(&m, &owner()).unwrap();
-        let writer = store.partial_writer(&id).unwrap();
+        let (store, writer) = begin_partial(tmp.path(), &options, &m);
         let mut order: Vec<u64> = (0..entries.len() as u64).collect();
         // Runs of consecutive chunks, in shuffled run order (as several
         // peers deliver them).
