@@ -203,15 +203,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     socket.display()
                 );
             };
-            // With --out the daemon streams the blob back as it verifies and
-            // writes it, and this process writes the file.
+            // With --out the daemon hands this process the blob's file as it
+            // verifies and writes it, and this process copies it out.
             let request = Request::Fetch(FetchRequest {
                 id,
                 from,
                 json: g.json,
                 stream: out.is_some(),
             });
-            let sink = out.map_or(Sink::Stdout, Sink::Data);
+            let sink = out.map_or(Sink::Stdout, Sink::Copy);
             control::call(stream, &request, sink)
         }
         Command::Id => {

@@ -5,10 +5,15 @@
 //! Both directions carry frames `[u32 LE body length][u8 kind][body]`:
 //! - `R` (client → daemon, once): the request, JSON ([`Request`]).
 //! - `O` / `E`: bytes for the client's stdout / stderr.
-//! - `S`: the size of the file a `fetch --out` writes (u64 LE), before its
-//!   first `D` frame: the client checks that it fits before the bytes come.
-//! - `D`: bytes of the file a `fetch --out` writes, in order, as the fetch
-//!   verifies and writes them (the export overlaps the fetch).
+//! - `F` (with one descriptor attached, `SCM_RIGHTS`): the fetched blob's
+//!   file, opened read-only for this client, for `fetch --out` to copy;
+//!   the body is its length (u64 LE) and whole-content BLAKE3 (32 bytes).
+//!   The client checks the length fits before copying.
+//! - `W`: how many bytes from the start of the `F` file the fetch has
+//!   verified and written (u64 LE); grows as the fetch goes on (the export
+//!   overlaps the fetch). The client copies up to there, hashing as it
+//!   goes, and keeps the file only if the daemon reports success and the
+//!   hash is the manifest's.
 //! - `P`: progress, JSON `{"label","done","total"}`.
 //! - `X`: the end; one byte, the command's exit code.
 //!
@@ -17,15 +22,18 @@
 //! are owned by that uid. Commands that name a path the daemon would open
 //! (`store add`, `store assemble`) are served only for root or the daemon's
 //! own user; `store export` and `fetch --out` are written by the client
-//! itself from a verified stream (`O` or `D` frames), so the daemon never
+//! itself from a verified stream (`O` frames, or the `F` file checked
+//! against its content hash), so the daemon never
 //! writes a user's file.
 
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use engine::io::SequentialFile;
+use engine::hash::ContentHash;
+use engine::io::{ExportCopy, SequentialFile};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{StoreCommand, exit};
@@ -38,8 +46,8 @@ pub const OUTPUT_SLICE_BYTES: usize = 256 << 10;
 pub const KIND_REQUEST: u8 = b'R';
 pub const KIND_STDOUT: u8 = b'O';
 pub const KIND_STDERR: u8 = b'E';
-pub const KIND_DATA: u8 = b'D';
-pub const KIND_SIZE: u8 = b'S';
+pub const KIND_FILE: u8 = b'F';
+pub const KIND_READY: u8 = b'W';
 pub const KIND_PROGRESS: u8 = b'P';
 pub const KIND_EXIT: u8 = b'X';
 
@@ -56,8 +64,9 @@ pub struct FetchRequest {
     pub id: String,
     pub from: Vec<String>,
     pub json: bool,
-    /// Stream the blob's bytes back as `D` frames while it is fetched
-    /// (`fetch --out`): pieces are then fetched in blob order.
+    /// Hand the blob's file over (`F`) and report its written prefix (`W`)
+    /// while it is fetched (`fetch --out`): pieces are then fetched in blob
+    /// order.
     #[serde(default)]
     pub stream: bool,
 }
@@ -117,16 +126,43 @@ pub fn connect(socket: &Path) -> Result<Option<UnixStream>> {
     }
 }
 
-/// Where the client puts the bytes of `O` and `D` frames.
+/// Where the client puts what the daemon sends.
 pub enum Sink {
-    /// `O` to stdout; `D` is refused.
+    /// `O` to stdout; a file (`F`) is refused.
     Stdout,
     /// `O` to a file written atomically: a temp file beside it, fsync,
     /// rename, fsync of the directory, only after the daemon reported
     /// success.
     File(PathBuf),
-    /// `O` to stdout, `D` to a file written as [`Sink::File`]'s.
-    Data(PathBuf),
+    /// `O` to stdout; the `F` file copied to a file written as
+    /// [`Sink::File`]'s, kept only if its bytes hash to the content hash
+    /// the daemon gave with it.
+    Copy(PathBuf),
+}
+
+/// The control socket read with `recvmsg`, so that the descriptor an `F`
+/// frame carries is kept (a plain read would discard it).
+struct FdStream<'a> {
+    stream: &'a UnixStream,
+    fds: Vec<OwnedFd>,
+}
+
+impl Read for FdStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match crate::sys::recv_with_fds(self.stream.as_fd(), buf, &mut self.fds) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+/// A `fetch --out` copy in progress: the daemon's file, and the hash its
+/// bytes must have.
+struct Copying {
+    copy: ExportCopy,
+    expected: ContentHash,
 }
 
 /// Sends `request` and relays the daemon's answer: stdout bytes to `sink`,
@@ -135,16 +171,22 @@ pub enum Sink {
 pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8> {
     let body = serde_json::to_vec(request).context("cannot encode request")?;
     write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
-    // The temp file, and the kind of frame whose bytes go there.
-    let (mut temp, file_kind) = match &sink {
-        Sink::File(path) => (Some(TempOut::create(path)?), KIND_STDOUT),
-        Sink::Data(path) => (Some(TempOut::create(path)?), KIND_DATA),
-        Sink::Stdout => (None, KIND_DATA),
+    let (mut temp, stdout_to_temp) = match &sink {
+        Sink::File(path) => (Some(TempOut::create(path)?), true),
+        Sink::Copy(path) => (Some(TempOut::create(path)?), false),
+        Sink::Stdout => (None, false),
     };
+    let mut copying: Option<Copying> = None;
     let mut stdout = io::stdout().lock();
     let bar = io::stderr().is_terminal().then(new_bar);
     let mut stderr = io::stderr();
-    let mut reader = io::BufReader::with_capacity(OUTPUT_SLICE_BYTES + 8, &mut stream);
+    let mut reader = io::BufReader::with_capacity(
+        OUTPUT_SLICE_BYTES + 8,
+        FdStream {
+            stream: &stream,
+            fds: Vec::new(),
+        },
+    );
     let mut body = Vec::new();
     let code = loop {
         let Some(kind) =
@@ -153,20 +195,42 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
             bail!("the daemon closed the connection before answering (did it stop?)");
         };
         match kind {
-            KIND_STDOUT | KIND_DATA => match match &mut temp {
-                Some(t) if kind == file_kind => t.write_all(&body),
-                _ if kind == KIND_STDOUT => stdout.write_all(&body),
-                _ => bail!("the daemon sent file bytes where none were asked for"),
+            KIND_STDOUT => match match &mut temp {
+                Some(t) if stdout_to_temp => t.write_all(&body),
+                _ => stdout.write_all(&body),
             } {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit::OK),
                 Err(e) => return Err(e).context("cannot write output"),
             },
-            KIND_SIZE => match (&temp, <[u8; 8]>::try_from(&body[..])) {
-                (Some(t), Ok(len)) if file_kind == KIND_DATA => {
-                    t.check_space(u64::from_le_bytes(len))?
+            KIND_FILE => {
+                let (Some(t), Sink::Copy(_), None) = (&temp, &sink, &copying) else {
+                    bail!("the daemon handed over a file where none was asked for");
+                };
+                let (Ok(len), Ok(hash)) = (
+                    <[u8; 8]>::try_from(body.get(..8).unwrap_or_default()),
+                    <[u8; 32]>::try_from(body.get(8..).unwrap_or_default()),
+                ) else {
+                    bail!("malformed file frame from the daemon");
+                };
+                let fds = &mut reader.get_mut().fds;
+                if fds.is_empty() {
+                    bail!("the daemon's file frame came without a descriptor");
                 }
-                _ => bail!("unexpected size frame from the daemon"),
+                let file = std::fs::File::from(fds.remove(0));
+                let len = u64::from_le_bytes(len);
+                t.check_space(len)?;
+                copying = Some(Copying {
+                    copy: ExportCopy::new(file, len),
+                    expected: ContentHash(hash),
+                });
+            }
+            KIND_READY => match (&mut temp, &mut copying, <[u8; 8]>::try_from(&body[..])) {
+                (Some(t), Some(c), Ok(ready)) => c
+                    .copy
+                    .advance(t.file_mut(), u64::from_le_bytes(ready))
+                    .with_context(|| format!("cannot copy the blob to {}", t.temp.display()))?,
+                _ => bail!("unexpected progress frame from the daemon"),
             },
             KIND_STDERR => {
                 if let Some(b) = &bar {
@@ -190,11 +254,34 @@ pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8>
         b.finish_and_clear();
     }
     stdout.flush()?;
-    if let Some(t) = temp
-        && code == exit::OK
-    {
-        t.commit()?;
+    let Some(mut t) = temp else {
+        return Ok(code);
+    };
+    if code != exit::OK {
+        return Ok(code);
     }
+    if let Sink::Copy(path) = &sink {
+        let Some(c) = copying else {
+            bail!("the daemon reported success but handed over no file");
+        };
+        let got = c.copy.finish(t.file_mut()).with_context(|| {
+            format!(
+                "the daemon reported success but {} is incomplete",
+                t.temp.display()
+            )
+        })?;
+        if got != c.expected {
+            eprintln!(
+                "envoy: the copy for {} does not hash to the blob's content BLAKE3 \
+                 ({got} instead of {}): not written. The daemon's copy may be damaged \
+                 on disk; `envoy store verify --full` checks it.",
+                path.display(),
+                c.expected
+            );
+            return Ok(exit::CORRUPT);
+        }
+    }
+    t.commit()?;
     Ok(code)
 }
 
@@ -240,7 +327,11 @@ impl TempOut {
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.as_mut().expect("not committed").write_all(bytes)
+        self.file_mut().write_all(bytes)
+    }
+
+    fn file_mut(&mut self) -> &mut SequentialFile {
+        self.file.as_mut().expect("not committed")
     }
 
     /// The directory the file goes in.

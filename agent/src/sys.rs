@@ -39,3 +39,72 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Sends `bytes` on the Unix stream socket `socket` with the descriptor
+/// `file` attached (`SCM_RIGHTS`): the receiver gets its own descriptor of
+/// the same open file. Returns the bytes sent (the descriptor goes with the
+/// first of them); may be short, like `send`.
+pub fn send_with_fd(
+    socket: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    file: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds = [file.as_raw_fd()];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Most descriptors one read of the control socket accepts; more arrive
+/// closed and fail the read.
+const FDS_PER_READ: usize = 4;
+
+/// Reads from the Unix stream socket `socket` into `buf` like `recv`,
+/// keeping any descriptors that came with the bytes (`SCM_RIGHTS`, close on
+/// exec) in `fds`. A plain read would discard them.
+pub fn recv_with_fds(
+    socket: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let mut space = nix::cmsg_space!([RawFd; FDS_PER_READ]);
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+    let flags = MsgFlags::empty();
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags)
+        .map_err(std::io::Error::from)?;
+    let mut received = Vec::new();
+    let truncated = msg.cmsgs().is_err();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                // SAFETY: the kernel installed these descriptors in our
+                // table for this message; nothing else refers to them.
+                received.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+    }
+    let n = msg.bytes;
+    fds.append(&mut received);
+    if truncated {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {FDS_PER_READ} descriptors came with one read"),
+        ));
+    }
+    Ok(n)
+}

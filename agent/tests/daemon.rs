@@ -275,6 +275,24 @@ fn fetch_from_one_peer_verifies_seals_and_exports() {
     again.expect(OK);
     assert_eq!(again.json()["already_complete"], true);
     assert_eq!(fs::read(b.dir.path().join("again.bin")).unwrap(), data);
+    // The client checks what it copies out of the daemon's file: a byte
+    // damaged on B's disk (in place: B's daemon may map the file) fails the
+    // export with the corruption code and leaves no file behind.
+    let blob_file = find_file(&b.dir.path().join("store"), id.trim_start_matches("v1-b3-"))
+        .expect("B's blob file");
+    let at = data.len() as u64 / 2;
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new().write(true).open(&blob_file).unwrap(),
+        &[data[at as usize] ^ 0x20],
+        at,
+    )
+    .unwrap();
+    let damaged = b.dir.path().join("damaged.bin");
+    let out = b.fetch(&id, &[a.addr()], &damaged);
+    out.expect(common::CORRUPT);
+    assert!(out.stderr.contains("content BLAKE3"), "{}", out.stderr);
+    assert!(!damaged.exists());
+    assert!(!b.dir.path().join(".damaged.bin.vigo-partial").exists());
 }
 
 #[test]

@@ -49,10 +49,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::sys::{
-    self,
-    pool::{SlabLease, SlabPool},
-};
+use crate::sys::{self, pool::SlabPool};
 
 /// Bytes per direct write: one slab, one transparent huge page (the device
 /// then gets each write as one request, see [`SlabPool::new`]).
@@ -146,92 +143,6 @@ impl RunWriter {
             at += n;
         }
         Ok(())
-    }
-}
-
-/// Reads a file being written by a [`RunWriter`] with direct IO, a slab
-/// at a time: the export that follows a fetch (`envoy fetch --out`) reads
-/// each chunk moments after it was written, and what a direct write put on
-/// the disk is not in the page cache. Read back through the page cache in
-/// 120 KiB spans, a 4 GiB `fetch --out` took 14.6 s in the bench, against
-/// 8.0 when everything went through the page cache. Whole-slab direct reads
-/// cost neither a page-cache fill nor readahead's small requests:
-/// alternating daemons with the page cache full (two rounds), writes and
-/// reads through the page cache 13.3/11.2 s and 24.1/20.7 CPU-s system-wide,
-/// direct writes and reads 10.8/9.8 s and 15.5/14.8 CPU-s. A partial block at a run's end that
-/// is still dirty in the page cache is written out by the kernel before a
-/// direct read of it, so what comes back is what was written.
-pub(crate) struct DirectReader<'a> {
-    file: &'a File,
-    slab: SlabLease,
-    /// The bytes of the file in the slab: `start..start + len`.
-    start: u64,
-    len: usize,
-}
-
-impl RunWriter {
-    /// A direct reader of the file, through the writer's own direct
-    /// descriptor and one of its slabs; `None` where this writer does not
-    /// write direct.
-    pub(crate) fn direct_reader(&self) -> Option<DirectReader<'_>> {
-        let (Some(file), Some(slabs)) = (&self.direct, &self.slabs) else {
-            return None;
-        };
-        if !self.direct_ok.load(Ordering::Relaxed) {
-            return None;
-        }
-        Some(DirectReader {
-            file,
-            slab: slabs.lease(),
-            start: 0,
-            len: 0,
-        })
-    }
-}
-
-impl DirectReader<'_> {
-    /// Bytes `offset..offset + len` of the file, read ahead up to `limit`
-    /// (an offset the caller will read up to; at most the file's length).
-    /// `None` when the range does not fit one slab or the filesystem
-    /// refuses the read: the caller reads it through the page cache.
-    pub(crate) fn read(
-        &mut self,
-        offset: u64,
-        len: usize,
-        limit: u64,
-    ) -> io::Result<Option<&[u8]>> {
-        let align = sys::DIRECT_ALIGN;
-        let end = offset + len as u64;
-        if offset < self.start || end > self.start + self.len as u64 {
-            let start = offset / align * align;
-            let slab_bytes = self.slab.as_mut_slice().len() as u64;
-            let want = limit.max(end).min(start + slab_bytes) - start;
-            if end - start > want {
-                return Ok(None);
-            }
-            let buf = &mut self.slab.as_mut_slice()[..want.next_multiple_of(align) as usize];
-            let mut filled = 0usize;
-            self.len = 0;
-            while (filled as u64) < want {
-                match self.file.read_at(&mut buf[filled..], start + filled as u64) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
-                    Err(e) => return Err(e),
-                }
-            }
-            if (filled as u64) < end - start {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file ends before byte {end}"),
-                ));
-            }
-            self.start = start;
-            self.len = filled;
-        }
-        let from = (offset - self.start) as usize;
-        Ok(Some(&self.slab.as_mut_slice()[from..from + len]))
     }
 }
 
@@ -412,26 +323,26 @@ mod tests {
                 });
             }
         });
-        if let Some(mut reader) = writer.direct_reader() {
-            // Before any sync: the ends of runs are still dirty in the page
-            // cache, and a direct read must see them.
-            let mut back = Vec::new();
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(100_003);
-                let slice = reader.read(at as u64, n, len as u64).unwrap().unwrap();
-                back.extend_from_slice(slice);
-                at += n;
-            }
-            assert!(back == data, "direct reads differ from what was written");
-            assert!(
-                reader
-                    .read(0, DIRECT_SLAB_BYTES + 1, len as u64)
-                    .unwrap()
-                    .is_none(),
-                "more than a slab is left to the page cache"
-            );
-        }
+        // Before any sync the ends of runs are still dirty in the page
+        // cache: a direct read of the file (what `fetch --out`'s export
+        // does) must see them.
+        let out_path = dir.path().join("copy");
+        let mut out = crate::io::SequentialFile::create(&out_path).unwrap();
+        let mut copy = crate::io::ExportCopy::new(File::open(&path).unwrap(), len as u64);
+        copy.advance(&mut out, len as u64).unwrap();
+        let direct_copy = copy.is_direct();
+        let hash = copy.finish(&out).unwrap();
+        out.finish().unwrap();
+        assert_eq!(hash.0, *blake3::hash(&data).as_bytes());
+        assert_eq!(
+            direct_copy,
+            writer.direct.is_some(),
+            "read direct where written direct"
+        );
+        assert!(
+            std::fs::read(&out_path).unwrap() == data,
+            "the copy differs"
+        );
         file.sync_data().unwrap();
         assert!(std::fs::read(&path).unwrap() == data, "file differs");
         if writer.direct.is_some() {

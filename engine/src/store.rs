@@ -778,6 +778,16 @@ impl Store {
     }
 
     /// Opens a complete blob for reading; refuses partial and quarantined ones.
+    /// A complete blob's file opened afresh, read-only: a descriptor of its
+    /// own to hand to an exporting client (`envoy fetch --out`), which
+    /// verifies what it reads against the manifest's content hash.
+    pub fn open_blob_file(&self, id: &BlobId) -> Result<(File, ManifestRoot), StoreError> {
+        let reader = self.open_blob(id)?;
+        let path = self.blob_path(id);
+        let file = File::open(&path).map_err(StoreError::io("cannot open", &path))?;
+        Ok((file, reader.root().clone()))
+    }
+
     pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader, StoreError> {
         let r = self.record(id)?;
         match r.state {
@@ -1769,96 +1779,33 @@ impl PartialWriter {
         verify_and_write(self, chunks, &entries)
     }
 
-    /// Reads chunks `chunks` back from the blob's file, each of which must
-    /// already be there (written by [`PartialWriter::write_batch`], resumed,
-    /// or copied from a local blob), verifies each against its manifest
-    /// entry and hands them to `sink` in blob order, in buffers of whole
-    /// consecutive chunks of at most `span_bytes` (a larger chunk alone).
-    /// A chunk that does not match stops the read with
-    /// [`StoreError::Corrupt`] and is never handed out. Works after
-    /// [`PartialWriter::seal`] too (the sealed file is the same file): an
-    /// export can follow a fetch as it writes (`envoy fetch --out`).
-    pub fn read_written(
-        &self,
-        chunks: std::ops::Range<u64>,
-        span_bytes: usize,
-        sink: &mut dyn FnMut(Vec<u8>) -> io::Result<()>,
-    ) -> Result<(), StoreError> {
-        let per_page = u64::from(crate::manifest::PAGE_CHUNKS);
-        let mut next = chunks.start;
-        let mut hashes = Vec::new();
-        // Read ahead no further than the last chunk asked for.
-        let limit = match chunks.end.checked_sub(1).map(|last| self.entry(last)) {
-            Some(Ok(Some(e))) => e.end(),
-            Some(Err(e)) => return Err(e),
-            _ => 0,
-        };
-        let mut direct = self.runs.direct_reader();
-        while next < chunks.end {
-            let page = u32::try_from(next / per_page)
-                .ok()
-                .filter(|&p| (p as usize) < self.root.pages.len())
-                .ok_or(StoreError::BadChunk {
-                    id: self.id,
-                    index: next,
-                })?;
-            let entries = self.pages.page(&self.store, &self.id, &self.root, page)?;
-            let page_first = u64::from(page) * per_page;
-            let page_end = page_first + entries.len() as u64;
-            if next >= page_end {
-                return Err(StoreError::BadChunk {
-                    id: self.id,
-                    index: next,
-                });
-            }
-            let page_end = page_end.min(chunks.end);
-            let entry = |c: u64| entries[(c - page_first) as usize];
-            while next < page_end {
-                let mut end = next + 1;
-                let mut bytes = entry(next).len as usize;
-                while end < page_end && bytes + entry(end).len as usize <= span_bytes {
-                    bytes += entry(end).len as usize;
-                    end += 1;
-                }
-                let span = &entries[(next - page_first) as usize..(end - page_first) as usize];
-                let read_error = StoreError::io("cannot read", &self.path);
-                let buf = match direct
-                    .as_mut()
-                    .map(|r| r.read(span[0].offset, bytes, limit))
-                {
-                    Some(Ok(Some(slice))) => slice.to_vec(),
-                    Some(Err(e)) => return Err(read_error(e)),
-                    None | Some(Ok(None)) => {
-                        let mut buf = vec![0u8; bytes];
-                        self.file
-                            .read_exact_at(&mut buf, span[0].offset)
-                            .map_err(read_error)?;
-                        buf
+    /// The blob's file opened afresh, read-only: a descriptor of its own for
+    /// an export that follows the fetch (`envoy fetch --out` hands it to the
+    /// client), the partial file or, once sealed, the sealed one — the same
+    /// file either way. Only chunks the fetch reports written hold the
+    /// blob's bytes.
+    pub fn open_for_reading(&self) -> Result<File, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let ours = self
+            .file
+            .metadata()
+            .map_err(StoreError::io("cannot stat", &self.path))?;
+        for path in [&self.path, &self.store.blob_path(&self.id)] {
+            match File::open(path) {
+                Ok(f) => {
+                    let m = f.metadata().map_err(StoreError::io("cannot stat", path))?;
+                    if (m.dev(), m.ino()) == (ours.dev(), ours.ino()) {
+                        return Ok(f);
                     }
-                };
-                let mut msgs = Vec::with_capacity(span.len());
-                let mut at = 0usize;
-                for e in span {
-                    msgs.push(&buf[at..at + e.len as usize]);
-                    at += e.len as usize;
                 }
-                hashes.resize(span.len(), [0u8; 32]);
-                sys::hash_batch::hash_batch(&msgs, &mut hashes);
-                if let Some(bad) = span.iter().zip(&hashes).position(|(e, h)| e.hash.0 != *h) {
-                    let e = span[bad];
-                    return Err(StoreError::Corrupt {
-                        id: self.id,
-                        index: next + bad as u64,
-                        offset: e.offset,
-                        len: e.len,
-                    });
-                }
-                drop(msgs);
-                sink(buf).map_err(StoreError::output)?;
-                next = end;
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("cannot open", path)(e)),
             }
         }
-        Ok(())
+        Err(StoreError::CorruptFile {
+            id: self.id,
+            why: "the file being written is gone from the store".into(),
+        })
     }
 
     /// Where [`PartialWriter::write_batch`] spent its time so far.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use engine::chunker::{Chunker, ChunkerParams};
 use engine::hash::BlobId;
-use engine::io::{IoMode, SLAB_BYTES};
+use engine::io::{ExportCopy, IoMode, SLAB_BYTES, SequentialFile};
 use engine::manifest::{ChunkEntry, Manifest};
 use engine::mem::MemStore;
 use engine::store::{BlobState, Owner, PartialWriter, Store, StoreError, StoreOptions};
@@ -83,6 +83,12 @@ fn chunked(avg: u32, seed: u64, len: usize) -> (ChunkerParams, Vec<u8>, Manifest
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
     let entries = m.entries().unwrap();
     (params, data, m, entries)
+}
+
+/// A temporary directory on the target's disk: /tmp may be a tmpfs, which
+/// refuses direct IO.
+fn tempdir_on_disk() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
 /// A store in `dir` with `m` begun as a partial blob, and its writer.
@@ -277,20 +283,19 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
     }
 }
 
-/// What `fetch --out` streams while the fetch goes on: chunks read back
-/// from the partial file, verified, in blob order, in spans of whole chunks
-/// bounded in size; after the seal from the same file; a chunk corrupted on
-/// disk stops the read before it is handed out.
+/// What `fetch --out` copies while the fetch goes on: the client reads the
+/// blob's file through a descriptor of its own (`open_for_reading`), as far
+/// as the fetch has written it, in whole buffers, and the rest once the
+/// blob is complete (after the seal, from the same file); what it copied
+/// hashes to the manifest's content hash. A byte corrupted on disk makes
+/// the copy's hash differ, and the client refuses the file.
 #[test]
-fn partial_writer_reads_back_what_it_wrote() {
-    let (_, data, m, entries) = chunked(4096, 11, 3 << 20);
+fn an_export_follows_the_partial_writer_and_checks_the_content_hash() {
+    let (_, data, m, entries) = chunked(4096, 11, (5 << 20) + 12_345);
     let id = m.id();
     let n = entries.len() as u64;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("s");
-    let store = std::sync::Arc::new(Store::open(&dir, StoreOptions::default()).unwrap());
-    store.begin_partial(&m, &owner()).unwrap();
-    let writer = store.partial_writer(&id).unwrap();
+    let tmp = tempdir_on_disk();
+    let (store, writer) = begin_partial(tmp.path(), &StoreOptions::default(), &m);
     let bytes_of = |i: u64| {
         let e = entries[i as usize];
         &data[e.offset as usize..e.end() as usize]
@@ -298,53 +303,51 @@ fn partial_writer_reads_back_what_it_wrote() {
     let half = n / 2;
     let batch: Vec<(u64, &[u8])> = (0..half).map(|i| (i, bytes_of(i))).collect();
     assert!(writer.write_batch(&batch).unwrap().iter().all(|&ok| ok));
-    let span = 64 << 10;
-    let read = |range: std::ops::Range<u64>| {
-        let mut out = Vec::new();
-        let mut spans = Vec::new();
-        let r = writer.read_written(range, span, &mut |buf| {
-            spans.push(buf.len());
-            out.extend_from_slice(&buf);
-            Ok(())
-        });
-        (r, out, spans)
-    };
-    let (r, out, spans) = read(0..half);
-    r.unwrap();
-    let half_bytes = entries[half as usize].offset as usize;
-    assert_eq!(out, data[..half_bytes]);
+    let half_bytes = entries[half as usize].offset;
+    let len = data.len() as u64;
+    let out_path = tmp.path().join("out");
+    let mut out = SequentialFile::create(&out_path).unwrap();
+    let mut copy = ExportCopy::new(writer.open_for_reading().unwrap(), len);
+    copy.advance(&mut out, half_bytes).unwrap();
     assert!(
-        spans.len() > 1 && spans.iter().all(|&s| s <= span),
-        "{spans:?}"
+        !out.is_empty() && out.len() <= half_bytes,
+        "whole buffers below the written prefix: {} of {half_bytes}",
+        out.len()
     );
 
     let batch: Vec<(u64, &[u8])> = (half..n).map(|i| (i, bytes_of(i))).collect();
     assert!(writer.write_batch(&batch).unwrap().iter().all(|&ok| ok));
     writer.commit(&(0..n).collect::<Vec<_>>()).unwrap();
     writer.seal().unwrap();
-    let (r, out, _) = read(half..n);
-    r.unwrap();
-    assert_eq!(out, data[half_bytes..], "read after the seal");
+    let after_seal = writer.open_for_reading().unwrap();
+    copy.advance(&mut out, len).unwrap();
+    let hash = copy.finish(&out).unwrap();
+    out.finish().unwrap();
+    assert_eq!(hash, m.root.content_hash);
+    assert!(fs::read(&out_path).unwrap() == data, "the copy differs");
 
-    // One byte flipped on disk in chunk `bad`: everything before it comes
-    // out, it does not.
-    let bad = half + 3;
-    let e = entries[bad as usize];
-    let path = dir.join("blobs").join(id.to_hex());
-    let mut file = fs::read(&path).unwrap();
-    file[e.offset as usize + 1] ^= 0x40;
-    fs::write(&path, &file).unwrap();
-    let (r, out, _) = read(half..n);
-    match r {
-        Err(StoreError::Corrupt { index, .. }) => assert_eq!(index, bad),
-        other => panic!("expected a corrupt chunk, got {other:?}"),
+    // One byte flipped on disk: the copy's hash is not the manifest's.
+    let (file, root) = store.open_blob_file(&id).unwrap();
+    assert_eq!(root.content_hash, m.root.content_hash);
+    let e = entries[half as usize + 3];
+    let path = tmp.path().join("s").join("blobs").join(id.to_hex());
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[e.offset as usize + 1] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    for src in [file, after_seal] {
+        let out_path = tmp.path().join("out2");
+        let _ = fs::remove_file(&out_path);
+        let mut out = SequentialFile::create(&out_path).unwrap();
+        let mut copy = ExportCopy::new(src, len);
+        copy.advance(&mut out, len).unwrap();
+        assert_ne!(copy.finish(&out).unwrap(), m.root.content_hash);
     }
-    assert!(out.len() <= (e.offset as usize - half_bytes));
-    assert_eq!(out, data[half_bytes..half_bytes + out.len()]);
-    assert!(matches!(
-        writer.read_written(n..n + 1, span, &mut |_| Ok(())),
-        Err(StoreError::BadChunk { .. })
-    ));
+    let mut out = SequentialFile::create(&tmp.path().join("out3")).unwrap();
+    let mut copy = ExportCopy::new(store.open_blob_file(&id).unwrap().0, len + 1);
+    assert!(
+        copy.advance(&mut out, len + 1).is_err(),
+        "a file shorter than announced is an error"
+    );
 }
 
 /// Several writers deliver the same chunks at once, cut at different

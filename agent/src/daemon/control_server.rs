@@ -6,10 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::{AsFd, OwnedFd};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
+use engine::manifest::ManifestRoot;
 use engine::store::StoreError;
 
 use super::Daemon;
@@ -66,15 +69,41 @@ pub(super) async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
-/// Sends output frames from a blocking command to the socket.
+/// One frame for the client, with the descriptor an `F` frame carries.
+struct Out {
+    kind: u8,
+    body: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
+
+/// Sends output frames from a command to the socket.
 #[derive(Clone)]
-struct Frames(mpsc::Sender<(u8, Vec<u8>)>);
+struct Frames(mpsc::Sender<Out>);
 
 impl Frames {
+    fn out(kind: u8, body: Vec<u8>) -> Out {
+        Out {
+            kind,
+            body,
+            fd: None,
+        }
+    }
+
     fn send_blocking(&self, kind: u8, body: Vec<u8>) -> io::Result<()> {
         self.0
-            .blocking_send((kind, body))
+            .blocking_send(Frames::out(kind, body))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "control client went away"))
+    }
+
+    async fn send(&self, kind: u8, body: Vec<u8>) -> Result<()> {
+        self.send_out(Frames::out(kind, body)).await
+    }
+
+    async fn send_out(&self, out: Out) -> Result<()> {
+        self.0
+            .send(out)
+            .await
+            .map_err(|_| anyhow::anyhow!("control client went away"))
     }
 }
 
@@ -146,7 +175,7 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
     stream.read_exact(&mut body).await?;
     let request: Request = serde_json::from_slice(&body).context("bad request")?;
 
-    let (tx, mut rx) = mpsc::channel::<(u8, Vec<u8>)>(FRAME_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Out>(FRAME_QUEUE);
     let frames = Frames(tx);
     let work = {
         let daemon = Arc::clone(&daemon);
@@ -154,11 +183,8 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
         tokio::spawn(async move { dispatch(daemon, uid, request, frames).await })
     };
     drop(frames);
-    while let Some((kind, body)) = rx.recv().await {
-        let mut head = [0u8; 5];
-        head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        head[4] = kind;
-        if stream.write_all(&head).await.is_err() || stream.write_all(&body).await.is_err() {
+    while let Some(out) = rx.recv().await {
+        if write_out(&mut stream, out).await.is_err() {
             // The client went away: stop producing (senders see BrokenPipe).
             drop(rx);
             let _ = work.await;
@@ -173,6 +199,24 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
     Ok(())
 }
 
+/// Writes one frame; its descriptor, if any, goes with its first bytes.
+async fn write_out(stream: &mut UnixStream, out: Out) -> io::Result<()> {
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(out.body.len() as u32).to_le_bytes());
+    head[4] = out.kind;
+    let Some(fd) = out.fd else {
+        stream.write_all(&head).await?;
+        return stream.write_all(&out.body).await;
+    };
+    let frame = [&head[..], &out.body].concat();
+    let sent = stream
+        .async_io(Interest::WRITABLE, || {
+            crate::sys::send_with_fd(stream.as_fd(), &frame, fd.as_fd())
+        })
+        .await?;
+    stream.write_all(&frame[sent..]).await
+}
+
 /// Progress reports as `P` frames (dropped when the client reads slowly).
 fn progress_frames(frames: &Frames) -> ProgressFn {
     let frames = frames.clone();
@@ -183,7 +227,7 @@ fn progress_frames(frames: &Frames) -> ProgressFn {
             total,
         };
         if let Ok(body) = serde_json::to_vec(&report) {
-            let _ = frames.0.try_send((control::KIND_PROGRESS, body));
+            let _ = frames.0.try_send(Frames::out(control::KIND_PROGRESS, body));
         }
     })
 }
@@ -234,10 +278,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
         }
         Request::Status { json } => {
             let text = super::status_report(&daemon, json);
-            let _ = frames
-                .0
-                .send((control::KIND_STDOUT, text.into_bytes()))
-                .await;
+            let _ = frames.send(control::KIND_STDOUT, text.into_bytes()).await;
             exit::OK
         }
         Request::Fetch(req) => {
@@ -272,10 +313,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                     } else {
                         format!("{}\n", outcome.id)
                     };
-                    let _ = frames
-                        .0
-                        .send((control::KIND_STDOUT, text.into_bytes()))
-                        .await;
+                    let _ = frames.send(control::KIND_STDOUT, text.into_bytes()).await;
                     if !json {
                         let summary = if outcome.already_complete {
                             format!("{}: already held here, nothing fetched\n", outcome.id)
@@ -291,8 +329,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                             )
                         };
                         let _ = frames
-                            .0
-                            .send((control::KIND_STDERR, summary.into_bytes()))
+                            .send(control::KIND_STDERR, summary.into_bytes())
                             .await;
                     }
                     exit::OK
@@ -300,10 +337,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                 Err(e) => {
                     tracing::warn!("fetch failed: {e:#}");
                     let text = format!("envoy: fetch failed: {e:#}\n");
-                    let _ = frames
-                        .0
-                        .send((control::KIND_STDERR, text.into_bytes()))
-                        .await;
+                    let _ = frames.send(control::KIND_STDERR, text.into_bytes()).await;
                     match e.downcast_ref::<StoreError>() {
                         Some(StoreError::Corrupt { .. }) => exit::CORRUPT,
                         _ => exit::ERROR,
@@ -314,57 +348,56 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
     }
 }
 
-/// Bytes per `D` frame a fetch's export sends: whole chunks, below the
-/// daemon's mmap threshold (`crate::sys`), so the buffers come from the heap
-/// instead of a fresh mapping (and its page faults) each.
-const DATA_SPAN_BYTES: usize = 120 << 10;
-
-/// Streams a fetch's blob to the client as `D` frames, following the
-/// fetch's gap-free prefix ([`fetch::Written`]) until the fetch ends (drops
-/// its sender). Returns the chunks sent. Each chunk is read back from the
-/// blob's file and verified again on the way out, as every export is.
+/// Hands a fetch's blob file to the client (`F`), then tells it how far the
+/// fetch has written the file without a gap (`W`) as that grows, until the
+/// fetch ends (drops its sender). Returns the chunks announced. The client
+/// copies the file itself, verifying it against the manifest's content
+/// hash: the bytes never pass through this process or the socket.
 async fn follow(mut written: watch::Receiver<fetch::Written>, frames: Frames) -> Result<u64> {
-    let mut sent = 0u64;
-    let mut sized = false;
+    let mut announced = 0u64;
+    let mut handed = false;
     loop {
         let w = written.borrow_and_update().clone();
-        if let Some(writer) = &w.writer
-            && !sized
-        {
-            send_size(&frames, writer.root().total_bytes).await?;
-            sized = true;
+        if let Some(writer) = w.writer {
+            if !handed {
+                let file = writer.open_for_reading()?;
+                send_file(&frames, file, writer.root()).await?;
+                handed = true;
+            }
+            if w.prefix > announced {
+                let ready = match w.prefix.checked_sub(1).map(|last| writer.entry(last)) {
+                    Some(Ok(Some(e))) => e.end(),
+                    Some(Err(e)) => return Err(e.into()),
+                    _ => bail!(
+                        "the fetch reported chunk {} written beyond its blob",
+                        w.prefix
+                    ),
+                };
+                frames
+                    .send(control::KIND_READY, ready.to_le_bytes().to_vec())
+                    .await?;
+                announced = w.prefix;
+                continue;
+            }
         }
-        if let Some(writer) = w.writer
-            && w.prefix > sent
-        {
-            let frames = frames.clone();
-            let range = sent..w.prefix;
-            tokio::task::spawn_blocking(move || {
-                writer.read_written(range, DATA_SPAN_BYTES, &mut |buf| {
-                    frames.send_blocking(control::KIND_DATA, buf)
-                })
-            })
-            .await
-            .context("export task failed")??;
-            sent = w.prefix;
-        } else if written.changed().await.is_err() {
-            return Ok(sent);
+        if written.changed().await.is_err() {
+            return Ok(announced);
         }
     }
 }
 
-/// What [`follow`] could not stream: a blob that was complete here before
-/// the fetch is exported whole from the store.
+/// What [`follow`] could not hand over: a blob that was complete here
+/// before the fetch is handed over whole.
 async fn stream_rest(
     daemon: &Arc<Daemon>,
     outcome: &FetchOutcome,
-    sent: u64,
+    announced: u64,
     frames: &Frames,
 ) -> Result<()> {
     if !outcome.already_complete {
-        if sent != outcome.chunks {
+        if announced != outcome.chunks {
             bail!(
-                "the export stopped after {sent} of {} chunks of {}",
+                "the export stopped after {announced} of {} chunks of {}",
                 outcome.chunks,
                 outcome.id
             );
@@ -372,24 +405,23 @@ async fn stream_rest(
         return Ok(());
     }
     let id = outcome.id.parse().context("fetched blob id")?;
-    send_size(frames, outcome.size).await?;
-    let store = Arc::clone(&daemon.store);
-    let frames = frames.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut data = FrameWriter::new(frames, control::KIND_DATA);
-        store.read_verified(&id, None, &mut |bytes| data.write_all(bytes))?;
-        data.flush()?;
-        Ok(())
-    })
-    .await
-    .context("export task failed")?
+    let (file, root) = daemon.store.open_blob_file(&id)?;
+    send_file(frames, file, &root).await?;
+    frames
+        .send(control::KIND_READY, root.total_bytes.to_le_bytes().to_vec())
+        .await
 }
 
-/// Tells the client the size of the file to come (`S`).
-async fn send_size(frames: &Frames, len: u64) -> Result<()> {
+/// Hands the client `file`, the blob `root` describes (`F`: its length and
+/// content hash, the descriptor attached).
+async fn send_file(frames: &Frames, file: std::fs::File, root: &ManifestRoot) -> Result<()> {
+    let mut body = root.total_bytes.to_le_bytes().to_vec();
+    body.extend_from_slice(&root.content_hash.0);
     frames
-        .0
-        .send((control::KIND_SIZE, len.to_le_bytes().to_vec()))
+        .send_out(Out {
+            kind: control::KIND_FILE,
+            body,
+            fd: Some(OwnedFd::from(file)),
+        })
         .await
-        .map_err(|_| anyhow::anyhow!("control client went away"))
 }

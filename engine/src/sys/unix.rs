@@ -202,6 +202,25 @@ pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
     Ok(None)
 }
 
+/// Switches an open file's reads and writes to direct (cache-bypassing) IO
+/// or back, where the platform allows it (O_DIRECT on Linux and FreeBSD);
+/// returns whether the file is now as asked. The flag belongs to the open
+/// file description: every descriptor sharing it changes. A filesystem may
+/// still refuse direct reads themselves (EINVAL): callers fall back then.
+pub fn set_direct(file: &File, on: bool) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        if let Ok(bits) = fcntl(file, FcntlArg::F_GETFL) {
+            let mut flags = OFlag::from_bits_truncate(bits);
+            flags.set(OFlag::O_DIRECT, on);
+            return fcntl(file, FcntlArg::F_SETFL(flags)).is_ok();
+        }
+    }
+    let _ = file;
+    !on
+}
+
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`
 /// inside the kernel where it can (`copy_file_range`: no userspace copy, a
 /// reflink on filesystems that share extents), else through a buffer.
