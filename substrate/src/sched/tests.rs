@@ -315,6 +315,57 @@ fn in_order_breaks_ties_by_blob_order_and_keeps_rarest_first() {
     }
 }
 
+/// The pieces one serving peer is asked for, in order, for a blob of `n`
+/// one-chunk pieces all equally rare.
+fn tie_order(seed: u64, n: usize) -> Vec<u64> {
+    let config = SchedConfig {
+        run_bytes_target: 1024,
+        peer_requests_in_flight_max: 1,
+        seed,
+        ..SchedConfig::DEFAULT
+    };
+    let mut s = new_sched(vec![1024; n], config);
+    s.handle_peer_joined(t(0), A, PeerCredit::UNLIMITED, &all(n as u64))
+        .unwrap();
+    let mut order = Vec::new();
+    while let Some((_, r)) = s.poll_request(t(0)) {
+        order.push(r.first_chunk);
+        deliver(&mut s, t(0), A, &r, |_| Verdict::Ok);
+    }
+    order
+}
+
+/// Equally rare pieces come in random groups of consecutive pieces (index
+/// order inside a group), so a receiver reads each manifest page for many
+/// pieces at once; at least `LOCALITY_GROUPS_MIN` groups per blob, so
+/// receivers of a small blob still spread.
+#[test]
+fn ties_are_drawn_per_group_of_consecutive_pieces() {
+    let n = LOCALITY_GROUPS_MIN * LOCALITY_PIECES_MAX * 2;
+    let order = tie_order(7, n);
+    let group = LOCALITY_PIECES_MAX as u64;
+    for g in order.chunks(LOCALITY_PIECES_MAX) {
+        assert_eq!(g[0] % group, 0, "a group starts at its first piece: {g:?}");
+        assert!(g.windows(2).all(|w| w[1] == w[0] + 1), "in order: {g:?}");
+    }
+    let groups: Vec<u64> = order
+        .iter()
+        .step_by(LOCALITY_PIECES_MAX)
+        .map(|c| c / group)
+        .collect();
+    assert!(
+        groups.windows(2).any(|w| w[1] != w[0] + 1),
+        "groups are shuffled"
+    );
+    assert_ne!(tie_order(8, n), order, "another seed, another order");
+
+    let small = tie_order(7, LOCALITY_GROUPS_MIN);
+    assert!(
+        small.windows(2).filter(|w| w[1] == w[0] + 1).count() < LOCALITY_GROUPS_MIN / 4,
+        "a blob of {LOCALITY_GROUPS_MIN} pieces is drawn piece by piece: {small:?}"
+    );
+}
+
 #[test]
 fn runs_are_consecutive_within_bounds() {
     let lens: Vec<u32> = (0..500)
