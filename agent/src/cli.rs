@@ -177,8 +177,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let config = config()?;
             match control::connect(&config.control_socket())? {
                 Some(stream) => {
-                    let daemon =
-                        control::call(stream, &Request::Status { json: g.json }, Sink::Stdout)?;
+                    let daemon = control::call(
+                        stream,
+                        &Request::Status { json: g.json },
+                        Sink::Stdout,
+                        None,
+                    )?;
                     Ok(code.max(daemon))
                 }
                 None => {
@@ -212,7 +216,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 stream: out.is_some(),
             });
             let sink = out.map_or(Sink::Stdout, Sink::Copy);
-            control::call(stream, &request, sink)
+            control::call(stream, &request, sink, None)
         }
         Command::Id => {
             let config = config()?;
@@ -223,32 +227,45 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// Runs a store command through the daemon. Paths are made absolute here
-/// (the daemon has another working directory); `export` becomes a verified
-/// stream this process writes itself.
+/// Runs a store command through the daemon. Files the command reads are
+/// opened here, as the calling user, and handed to the daemon with the
+/// request (it never opens a user's path); paths that remain are made
+/// absolute (the daemon has another working directory); `export` becomes a
+/// verified stream this process writes itself.
 fn via_daemon(
     stream: std::os::unix::net::UnixStream,
     cmd: StoreCommand,
     json: bool,
 ) -> anyhow::Result<u8> {
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let (cmd, sink) = match cmd {
-        StoreCommand::Export { id, path } => (StoreCommand::Cat { id }, Sink::File(path)),
-        StoreCommand::Add { file } => (
-            StoreCommand::Add {
-                file: absolute(file),
-            },
-            Sink::Stdout,
-        ),
-        StoreCommand::Assemble { manifest } => (
-            StoreCommand::Assemble {
-                manifest: absolute(manifest),
-            },
-            Sink::Stdout,
-        ),
-        other => (other, Sink::Stdout),
+    let open = |p: &PathBuf| {
+        engine::store::open_input(p).map_err(|e| crate::store_cmd::fail(&mut std::io::stderr(), &e))
     };
-    control::call(stream, &Request::Store { cmd, json }, sink)
+    let (cmd, sink, input) = match cmd {
+        StoreCommand::Export { id, path } => (StoreCommand::Cat { id }, Sink::File(path), None),
+        StoreCommand::Add { file } => match open(&file) {
+            Ok(f) => (
+                StoreCommand::Add {
+                    file: absolute(file),
+                },
+                Sink::Stdout,
+                Some(f),
+            ),
+            Err(code) => return Ok(code),
+        },
+        StoreCommand::Assemble { manifest } => match open(&manifest) {
+            Ok(f) => (
+                StoreCommand::Assemble {
+                    manifest: absolute(manifest),
+                },
+                Sink::Stdout,
+                Some(f),
+            ),
+            Err(code) => return Ok(code),
+        },
+        other => (other, Sink::Stdout, None),
+    };
+    control::call(stream, &Request::Store { cmd, json }, sink, input)
 }
 
 fn init_logging() {

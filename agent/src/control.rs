@@ -3,7 +3,9 @@
 //!
 //! # Framing
 //! Both directions carry frames `[u32 LE body length][u8 kind][body]`:
-//! - `R` (client → daemon, once): the request, JSON ([`Request`]).
+//! - `R` (client → daemon, once): the request, JSON ([`Request`]); for
+//!   `store add` and `store assemble` with the file to read attached
+//!   (`SCM_RIGHTS`), opened by the client as the calling user.
 //! - `O` / `E`: bytes for the client's stdout / stderr.
 //! - `F` (with one descriptor attached, `SCM_RIGHTS`): the fetched blob's
 //!   file, opened read-only for this client, for `fetch --out` to copy;
@@ -19,9 +21,10 @@
 //!
 //! The daemon learns who asks from the socket's peer credentials
 //! (`SO_PEERCRED`), never from the request: blobs a user adds or fetches
-//! are owned by that uid. Commands that name a path the daemon would open
-//! (`store add`, `store assemble`) are served only for root or the daemon's
-//! own user; `store export` and `fetch --out` are written by the client
+//! are owned by that uid. The daemon opens no path a client names: what
+//! `store add` and `store assemble` read comes as a descriptor the client
+//! opened, so any local user may add what they can read (and nothing
+//! else); `store export` and `fetch --out` are written by the client
 //! itself from a verified stream (`O` frames, or the `F` file checked
 //! against its content hash), so the daemon never
 //! writes a user's file.
@@ -165,12 +168,28 @@ struct Copying {
     expected: ContentHash,
 }
 
-/// Sends `request` and relays the daemon's answer: stdout bytes to `sink`,
-/// stderr bytes to stderr, progress as a bar on a terminal. Returns the
-/// daemon's exit code.
-pub fn call(mut stream: UnixStream, request: &Request, sink: Sink) -> Result<u8> {
+/// Sends `request`, with `input` attached (a file the command reads, opened
+/// by this process: the daemon never opens a user's path), and relays the
+/// daemon's answer: stdout bytes to `sink`, stderr bytes to stderr,
+/// progress as a bar on a terminal. Returns the daemon's exit code.
+pub fn call(
+    mut stream: UnixStream,
+    request: &Request,
+    sink: Sink,
+    input: Option<std::fs::File>,
+) -> Result<u8> {
     let body = serde_json::to_vec(request).context("cannot encode request")?;
-    write_frame(&mut stream, KIND_REQUEST, &body).context("cannot send request to the daemon")?;
+    let mut frame = Vec::with_capacity(5 + body.len());
+    write_frame(&mut frame, KIND_REQUEST, &body)?;
+    let sent = match &input {
+        Some(f) => crate::sys::send_with_fd(stream.as_fd(), &frame, f.as_fd())
+            .context("cannot send request to the daemon")?,
+        None => 0,
+    };
+    drop(input);
+    stream
+        .write_all(&frame[sent..])
+        .context("cannot send request to the daemon")?;
     let (mut temp, stdout_to_temp) = match &sink {
         Sink::File(path) => (Some(TempOut::create(path)?), true),
         Sink::Copy(path) => (Some(TempOut::create(path)?), false),

@@ -52,6 +52,25 @@ pub(crate) fn parse_id(err: &mut dyn Write, s: &str) -> Result<BlobId, u8> {
     })
 }
 
+/// Largest manifest bundle `store assemble` reads (36 bytes per chunk: a 4
+/// GiB blob's is ~16 MiB at the default chunk size, this one ~60 GiB's): a
+/// daemon reads what any local user hands it and must not be made to hold
+/// an endless stream in memory.
+const BUNDLE_BYTES_MAX: u64 = 256 << 20;
+
+/// Reads a manifest bundle of at most [`BUNDLE_BYTES_MAX`] bytes.
+fn read_bundle(file: std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.take(BUNDLE_BYTES_MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > BUNDLE_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "larger than any manifest bundle ({BUNDLE_BYTES_MAX} bytes at most)"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Where a command's output goes: the terminal, or a control-socket client.
 pub struct Ctx<'a> {
     pub json: bool,
@@ -60,6 +79,9 @@ pub struct Ctx<'a> {
     pub out: &'a mut (dyn Write + Send),
     pub err: &'a mut (dyn Write + Send),
     pub progress: ProgressTo,
+    /// The file `store add` or `store assemble` reads, opened by the user
+    /// who asks (a daemon's client hands it over); `None`: open the path.
+    pub input: Option<std::fs::File>,
 }
 
 /// Receives (label, bytes done, bytes total).
@@ -149,6 +171,7 @@ pub fn run(g: &Global, cmd: StoreCommand) -> u8 {
         out: &mut out,
         err: &mut err,
         progress: ProgressTo::Terminal,
+        input: None,
     };
     match execute(&store, &mut ctx, cmd) {
         Ok(()) => exit::OK,
@@ -162,14 +185,16 @@ pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<()
     let json_out = g.json;
     let to = g.progress.clone();
     let uid = g.uid;
+    let input = ctx.input.take();
     let out = &mut *ctx.out;
     let err = &mut *ctx.err;
     match cmd {
         StoreCommand::Add { file } => {
             let owner = Owner::new(uid, CLI_SUBSYSTEM);
             let progress = Progress::default();
-            let r = with_progress(&to, "ingesting", &progress, || {
-                store.add_file(&file, &owner, Some(&progress))
+            let r = with_progress(&to, "ingesting", &progress, || match input {
+                Some(source) => store.add_source(source, &file, &owner, Some(&progress)),
+                None => store.add_file(&file, &owner, Some(&progress)),
             })
             .map_err(|e| fail(err, &e))?;
             if json_out {
@@ -334,7 +359,11 @@ pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<()
             }
         }
         StoreCommand::Assemble { manifest } => {
-            let bytes = std::fs::read(&manifest).map_err(|e| {
+            let file = match input {
+                Some(f) => Ok(f),
+                None => std::fs::File::open(&manifest),
+            };
+            let bytes = file.and_then(read_bundle).map_err(|e| {
                 let _ = writeln!(
                     err,
                     "envoy: cannot read manifest {}: {e}",

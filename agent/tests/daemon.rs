@@ -564,6 +564,90 @@ fn store_commands_go_through_the_running_daemon() {
     run(a.cmd(&["store", "cat", "v1-b3-00"])).expect(common::USAGE);
 }
 
+/// Any local user may add a file they can read through the daemon, which
+/// opens no path itself (it may run as root): the client opens the file and
+/// hands the descriptor over. The blob is owned by that user; a file they
+/// cannot read is refused before the daemon sees anything.
+#[test]
+fn other_users_add_what_they_can_read_through_the_daemon() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    if !nix::unistd::geteuid().is_root() {
+        return common::skip(
+            "other_users_add_what_they_can_read_through_the_daemon",
+            "running a client as another uid needs root",
+        );
+    }
+    let mut a = Envoy::new();
+    a.start();
+    let open_up =
+        |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    // The other user must reach the config and the socket (not the store).
+    open_up(a.dir.path(), 0o755);
+    open_up(&a.config, 0o644);
+    let files = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    open_up(files.path(), 0o755);
+    let data = random(2 << 20, 16);
+    let theirs = files.path().join("theirs.bin");
+    fs::write(&theirs, &data).unwrap();
+    chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    open_up(&theirs, 0o600);
+    let roots = files.path().join("roots.bin");
+    fs::write(&roots, random(1 << 20, 17)).unwrap();
+    open_up(&roots, 0o600);
+    let as_nobody = |args: &[&str]| {
+        let mut c = a.cmd(args);
+        c.uid(NOBODY).gid(NOBODY);
+        c
+    };
+
+    let added = run(as_nobody(&["--json", "store", "add"]).arg(&theirs));
+    added.expect(OK);
+    let id = added.json()["id"].as_str().unwrap().to_owned();
+    let ls = run(a.cmd(&["--json", "store", "ls"]));
+    ls.expect(OK);
+    assert_eq!(ls.json()[0]["id"], id.as_str());
+    assert_eq!(ls.json()[0]["owners"], serde_json::json!(["65534:store"]));
+    let cat = run(a.cmd(&["store", "cat", &id]));
+    cat.expect(OK);
+    assert_eq!(cat.stdout, data);
+
+    let refused = run(as_nobody(&["store", "add"]).arg(&roots));
+    refused.expect(ERROR);
+    assert!(
+        refused.stderr.contains("permission denied"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        run(a.cmd(&["--json", "store", "ls"]))
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Root's own file goes the same way.
+    run(a.cmd(&["store", "add"]).arg(&roots)).expect(OK);
+    // So does the bundle `store assemble` reads.
+    let bundle = run(a.cmd(&["store", "manifest", &id, "--bundle"]));
+    bundle.expect(OK);
+    let bundle_path = files.path().join("theirs.bundle");
+    fs::write(&bundle_path, &bundle.stdout).unwrap();
+    chown(&bundle_path, Some(NOBODY), Some(NOBODY)).unwrap();
+    open_up(&bundle_path, 0o600);
+    let assembled = run(as_nobody(&["store", "assemble"]).arg(&bundle_path));
+    assembled.expect(OK);
+    assert!(
+        assembled
+            .stderr
+            .contains("0 chunks (0 bytes) still to fetch"),
+        "{}",
+        assembled.stderr
+    );
+}
+
 #[test]
 fn fetch_larger_than_free_space_is_refused_up_front() {
     // 1 PiB kept free: no disk here has that.

@@ -487,16 +487,23 @@ impl Store {
         owner: &Owner,
         progress: Option<&Progress>,
     ) -> Result<AddReport, StoreError> {
+        self.add_source(open_input(path)?, path, owner, progress)
+    }
+
+    /// [`Store::add_file`] of a file already open for reading ([`open_input`]
+    /// by whoever may read it: a daemon is handed the descriptor by its
+    /// client); `path` names it in errors.
+    pub fn add_source(
+        &self,
+        source: File,
+        path: &Path,
+        owner: &Owner,
+        progress: Option<&Progress>,
+    ) -> Result<AddReport, StoreError> {
         let input_err = |why: String| StoreError::Input {
             path: path.to_path_buf(),
             why,
         };
-        // Non-blocking open: a FIFO or device must be refused, not waited on.
-        let source = sys::open_input(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => input_err("no such file".into()),
-            io::ErrorKind::PermissionDenied => input_err("permission denied".into()),
-            _ => input_err(format!("cannot open: {e}")),
-        })?;
         let meta = source
             .metadata()
             .map_err(|e| input_err(format!("cannot stat: {e}")))?;
@@ -1890,6 +1897,20 @@ struct RowsState {
     done: Vec<bool>,
     /// Complete pages whose rows are not written yet.
     completed: Vec<u32>,
+}
+
+/// Opens a file to add ([`Store::add_source`]) without blocking: a FIFO or
+/// device is then refused, not waited on.
+pub fn open_input(path: &Path) -> Result<File, StoreError> {
+    let input_err = |why: String| StoreError::Input {
+        path: path.to_path_buf(),
+        why,
+    };
+    sys::open_input(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => input_err("no such file".into()),
+        io::ErrorKind::PermissionDenied => input_err("permission denied".into()),
+        _ => input_err(format!("cannot open: {e}")),
+    })
 }
 
 /// The page sink of `add_file`: writes each manifest page and its chunk

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use std::os::fd::{AsFd, OwnedFd};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
@@ -165,22 +165,28 @@ impl Drop for FrameWriter {
 
 async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
     let uid = stream.peer_cred().context("no peer credentials")?.uid();
+    // The request may come with a descriptor (the file `store add` reads).
+    let mut fds = Vec::new();
     let mut head = [0u8; 5];
-    stream.read_exact(&mut head).await?;
+    read_exact_keeping_fds(&stream, &mut head, &mut fds).await?;
     let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
     if head[4] != control::KIND_REQUEST || len > control::FRAME_BYTES_MAX {
         bail!("bad request frame");
     }
     let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body).await?;
+    read_exact_keeping_fds(&stream, &mut body, &mut fds).await?;
     let request: Request = serde_json::from_slice(&body).context("bad request")?;
+    if fds.len() > 1 {
+        bail!("{} descriptors came with one request", fds.len());
+    }
+    let input = fds.pop().map(std::fs::File::from);
 
     let (tx, mut rx) = mpsc::channel::<Out>(FRAME_QUEUE);
     let frames = Frames(tx);
     let work = {
         let daemon = Arc::clone(&daemon);
         let frames = frames.clone();
-        tokio::spawn(async move { dispatch(daemon, uid, request, frames).await })
+        tokio::spawn(async move { dispatch(daemon, uid, request, input, frames).await })
     };
     drop(frames);
     while let Some(out) = rx.recv().await {
@@ -196,6 +202,28 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
         .write_all(&[1, 0, 0, 0, control::KIND_EXIT, code])
         .await?;
     stream.flush().await?;
+    Ok(())
+}
+
+/// Fills `buf` from the socket, keeping descriptors that arrive with the
+/// bytes in `fds` (a plain read would discard them).
+async fn read_exact_keeping_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = stream
+            .async_io(Interest::READABLE, || {
+                crate::sys::recv_with_fds(stream.as_fd(), &mut buf[filled..], fds)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+    }
     Ok(())
 }
 
@@ -232,23 +260,28 @@ fn progress_frames(frames: &Frames) -> ProgressFn {
     })
 }
 
-async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frames) -> u8 {
+async fn dispatch(
+    daemon: Arc<Daemon>,
+    uid: u32,
+    request: Request,
+    input: Option<std::fs::File>,
+    frames: Frames,
+) -> u8 {
     match request {
         Request::Store { cmd, json } => {
-            let names_path = matches!(
-                cmd,
-                StoreCommand::Add { .. }
-                    | StoreCommand::Assemble { .. }
-                    | StoreCommand::Export { .. }
-            );
-            if names_path && uid != 0 && uid != engine::sys::current_uid() {
+            // The daemon opens no path a client names (it may run as
+            // root): what it reads comes as a descriptor the client opened,
+            // and what is exported the client writes.
+            let refused = match &cmd {
+                StoreCommand::Add { .. } | StoreCommand::Assemble { .. } if input.is_none() => {
+                    Some("the daemon reads only a file handed over with the request")
+                }
+                StoreCommand::Export { .. } => Some("the daemon writes no file for a client"),
+                _ => None,
+            };
+            if let Some(why) = refused {
                 let mut err = FrameWriter::new(frames, control::KIND_STDERR);
-                let _ = writeln!(
-                    err,
-                    "envoy: the daemon runs as uid {} and does not open paths for uid {uid}; \
-                     run this as root or as the daemon's user",
-                    engine::sys::current_uid()
-                );
+                let _ = writeln!(err, "envoy: {why}; run this with the envoy client");
                 return exit::ERROR;
             }
             let store = Arc::clone(&daemon.store);
@@ -262,6 +295,7 @@ async fn dispatch(daemon: Arc<Daemon>, uid: u32, request: Request, frames: Frame
                     out: &mut out,
                     err: &mut err,
                     progress,
+                    input,
                 };
                 match store_cmd::execute(&store, &mut ctx, cmd) {
                     Ok(()) => exit::OK,
