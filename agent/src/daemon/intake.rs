@@ -14,8 +14,8 @@
 //! session 8: 5.9% of a 2 GiB fetch's samples, the largest copy left on the
 //! receiving side.)
 //!
-//! Batches fill up to [`BATCH_BYTES`] shared among the sources of a fetch
-//! (several sources: smaller batches each, at least [`BATCH_BYTES_MIN`];
+//! Batches fill up to [`BATCH_BYTES`] (beyond [`FULL_BATCH_SOURCES`]
+//! sources of one fetch, smaller batches each, at least [`BATCH_BYTES_MIN`];
 //! each of a source's connections gets the source's size), but never wait
 //! for that while the disk side is idle: when the reader has decoded
 //! everything it read and a writer is free, it hands over what it has. At most [`BATCHES_MAX`] batches exist
@@ -44,12 +44,18 @@ use tokio::sync::mpsc;
 
 use super::conn::{ChunkVerdict, PeerEvent, Tap};
 
-/// A batch is handed over once it holds this many payload bytes, divided by
-/// the sources of the same fetch: with three sources the receiver holds
-/// three times the batches, and a third of the size each keeps its memory
-/// that of one (measured: 2 GiB from three sources, peak
-/// RssAnon 5.5 MiB above one source with 1 MiB each).
+/// A batch is handed over once it holds this many payload bytes (see
+/// [`FULL_BATCH_SOURCES`] for fetches from many sources).
 pub(crate) const BATCH_BYTES: usize = 1 << 20;
+/// Sources of one fetch whose connections all get [`BATCH_BYTES`] batches;
+/// with more, batches shrink so that the receiver's batch memory stays that
+/// of this many. Each batch cuts the runs it holds at its ends (a partial
+/// block through the page cache, one more direct write, one more task):
+/// dividing 1 MiB among three capped sources (341 KiB batches, 12 k per 4
+/// GiB instead of 4 k) cost the receiver 15-20% more CPU, and the fetch
+/// 6.72/6.91 s against 5.68/5.82 with 1 MiB each (`/var/tmp/ab3.sh`, two
+/// alternating rounds), for 7.7 MiB more peak RssAnon (55.1 MiB).
+const FULL_BATCH_SOURCES: usize = 3;
 /// The smallest batch, however many sources share a fetch.
 const BATCH_BYTES_MIN: usize = 256 << 10;
 /// Batches verified and written at once per connection (on the blocking
@@ -141,12 +147,13 @@ impl Live {
 
     /// Batch size for each of the fetch's live intakes.
     fn batch_bytes(&self) -> usize {
-        // Memory stays within lanes × BATCHES_MAX × BATCH_BYTES however
-        // many sources there are. Smaller batches per connection cost more
+        // Memory stays within FULL_BATCH_SOURCES × lanes × BATCHES_MAX ×
+        // BATCH_BYTES however many sources there are, down to the floor.
+        // Smaller batches per connection cost more
         // than they save: 2 connections of 512 KiB batches took 4.6-6.9 s
         // starting writeback for 4 GiB on two cores, 1 MiB ones 1.3-2.2 s.
         let sources = self.0.live.load(Ordering::Relaxed).div_ceil(self.0.lanes());
-        (BATCH_BYTES / sources.max(1)).max(BATCH_BYTES_MIN)
+        (BATCH_BYTES * FULL_BATCH_SOURCES / sources.max(FULL_BATCH_SOURCES)).max(BATCH_BYTES_MIN)
     }
 }
 
