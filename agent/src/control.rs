@@ -249,7 +249,7 @@ pub fn call(
                     .copy
                     .advance(t.file_mut(), u64::from_le_bytes(ready))
                     .with_context(|| format!("cannot copy the blob to {}", t.temp.display()))?,
-                _ => bail!("unexpected progress frame from the daemon"),
+                _ => bail!("unexpected ready frame from the daemon"),
             },
             KIND_STDERR => {
                 if let Some(b) = &bar {

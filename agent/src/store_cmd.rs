@@ -58,6 +58,25 @@ pub(crate) fn parse_id(err: &mut dyn Write, s: &str) -> Result<BlobId, u8> {
 /// an endless stream in memory.
 const BUNDLE_BYTES_MAX: u64 = 256 << 20;
 
+/// A bundle a daemon's client handed over: a regular file (a pipe could
+/// hold a daemon thread forever) no larger than [`BUNDLE_BYTES_MAX`],
+/// checked before reading.
+fn handed_bundle(file: std::fs::File) -> std::io::Result<std::fs::File> {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (through the daemon a bundle must be one)",
+        ));
+    }
+    if meta.len() > BUNDLE_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "{} bytes is larger than any manifest bundle ({BUNDLE_BYTES_MAX} at most)",
+            meta.len()
+        )));
+    }
+    Ok(file)
+}
+
 /// Reads a manifest bundle of at most [`BUNDLE_BYTES_MAX`] bytes.
 fn read_bundle(file: std::fs::File) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
@@ -360,7 +379,7 @@ pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<()
         }
         StoreCommand::Assemble { manifest } => {
             let file = match input {
-                Some(f) => Ok(f),
+                Some(f) => handed_bundle(f),
                 None => std::fs::File::open(&manifest),
             };
             let bytes = file.and_then(read_bundle).map_err(|e| {

@@ -62,9 +62,11 @@ pub fn send_with_fd(
     .map_err(std::io::Error::from)
 }
 
-/// Most descriptors one read of the control socket accepts; more arrive
-/// closed and fail the read.
-const FDS_PER_READ: usize = 4;
+/// Room for descriptors in one read of the control socket: Linux's limit
+/// per message (`SCM_MAX_FD`). With less room the kernel installs what fits
+/// and sets `MSG_CTRUNC`, and those it installed could not be found to
+/// close: a client could leak the daemon's descriptors that way.
+const FDS_PER_READ: usize = 253;
 
 /// Reads from the Unix stream socket `socket` into `buf` like `recv`,
 /// keeping any descriptors that came with the bytes (`SCM_RIGHTS`, close on
@@ -101,9 +103,10 @@ pub fn recv_with_fds(
     let n = msg.bytes;
     fds.append(&mut received);
     if truncated {
+        // Only when out of descriptors (EMFILE): none was installed.
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("more than {FDS_PER_READ} descriptors came with one read"),
+            "descriptors sent with the message could not be received",
         ));
     }
     Ok(n)

@@ -648,6 +648,59 @@ fn other_users_add_what_they_can_read_through_the_daemon() {
     );
 }
 
+/// What a client may hand the daemon is bounded: a second descriptor with
+/// one request closes the connection at once, and a bundle that is a pipe
+/// is refused (it could hold a daemon thread forever); the daemon goes on.
+#[test]
+fn raw_clients_hand_the_daemon_one_regular_file_at_most() {
+    use std::io::{IoSlice, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let mut a = Envoy::new();
+    a.start();
+    let socket = a.dir.path().join("envoy.sock");
+    let request = |body: &str, fds: &[i32]| {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.push(b'R');
+        frame.extend_from_slice(body.as_bytes());
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let n = sendmsg::<()>(
+            s.as_raw_fd(),
+            &[IoSlice::new(&frame)],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        s.write_all(&frame[n..]).unwrap();
+        let mut answer = Vec::new();
+        // A connection closed with the request unread may end in a reset.
+        let _ = s.read_to_end(&mut answer);
+        answer
+    };
+    let assemble = r#"{"Store":{"cmd":{"Assemble":{"manifest":"/handed.bundle"}},"json":false}}"#;
+    let (one, two) = (
+        fs::File::open(&a.config).unwrap(),
+        fs::File::open(&a.config).unwrap(),
+    );
+    let answer = request(assemble, &[one.as_raw_fd(), two.as_raw_fd()]);
+    assert!(
+        answer.is_empty(),
+        "answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let (pipe, _writer) = nix::unistd::pipe().unwrap();
+    let answer = request(assemble, &[pipe.as_raw_fd()]);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("not a regular file"), "{text}");
+    assert_eq!(answer[answer.len() - 6..], [1, 0, 0, 0, b'X', ERROR as u8]);
+    run(a.cmd(&["status"])).expect(OK);
+}
+
 #[test]
 fn fetch_larger_than_free_space_is_refused_up_front() {
     // 1 PiB kept free: no disk here has that.

@@ -126,6 +126,7 @@ pub(crate) fn ingest(
     let (to_hasher, hasher_rx) = bounded::<Vec<ChunkJob>>(INGEST_SLABS);
     let (to_pages, pages_rx) = bounded::<(EncodedPage, Vec<ChunkEntry>)>(PAGES_IN_FLIGHT);
 
+    let size = sink.expected_bytes;
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         // Named, so profiles and `top -H` show the stages.
@@ -133,7 +134,7 @@ pub(crate) fn ingest(
         let spawned = "spawning an ingest thread";
         let reader = stage("read")
             .spawn_scoped(scope, || {
-                read_stage(source, &pool, to_chunker, to_writer, progress)
+                read_stage(source, size, &pool, to_chunker, to_writer, progress)
             })
             .expect(spawned);
         let chunk_stage = stage("chunk")
@@ -188,8 +189,14 @@ pub(crate) fn ingest(
     })
 }
 
+/// Reads `source` (of `size` bytes when it was checked) into slabs for the
+/// chunker and the writer, hashing the whole content. A file that grows
+/// past `size` meanwhile is refused: the size was checked against the
+/// store's cap and free space, and a user handing the daemon a file must
+/// not get past those by appending to it.
 fn read_stage(
     source: &File,
+    size: u64,
     pool: &Arc<SlabPool>,
     to_chunker: Sender<Block>,
     to_writer: Sender<Block>,
@@ -208,6 +215,12 @@ fn read_stage(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(IngestError::Read(e)),
             }
+        }
+        if offset + filled as u64 > size {
+            return Err(IngestError::Read(io::Error::other(format!(
+                "the file grew past the {size} bytes it had when the add began; \
+                 add it again once it is complete"
+            ))));
         }
         let last = filled < buf.len();
         // Direct writes cover whole blocks: zero the padding of the last one.
@@ -381,4 +394,51 @@ fn write_stage(
     }
     sink.file.sync_all().map_err(IngestError::Sync)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader stops at the size the add checked: a file that grew past
+    /// it meanwhile is refused; one of that size goes through whole.
+    #[test]
+    fn a_file_larger_than_its_checked_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input");
+        let len = SLAB_BYTES + 1000;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let source = File::open(&path).unwrap();
+        let read = |size: u64| {
+            let pool = SlabPool::new(INGEST_SLABS, SLAB_BYTES);
+            let (to_chunker, chunks) = bounded::<Block>(INGEST_SLABS);
+            let (to_writer, writes) = bounded::<Block>(INGEST_SLABS);
+            let count = |rx: Receiver<Block>| {
+                std::thread::spawn(move || rx.iter().map(|b| b.slab.len() as u64).sum::<u64>())
+            };
+            let (chunked, written) = (count(chunks), count(writes));
+            let r = read_stage(
+                &source,
+                size,
+                &pool,
+                to_chunker,
+                to_writer,
+                &AtomicU64::new(0),
+            );
+            let bytes = chunked.join().unwrap();
+            assert_eq!(
+                written.join().unwrap(),
+                bytes,
+                "both stages get every block"
+            );
+            (r, bytes)
+        };
+        let (whole, bytes) = read(len as u64);
+        assert_eq!(whole.unwrap().0, *blake3::hash(&vec![7u8; len]).as_bytes());
+        assert_eq!(bytes, len as u64);
+        match read(len as u64 - 1).0 {
+            Err(IngestError::Read(e)) => assert!(e.to_string().contains("grew"), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }

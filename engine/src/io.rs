@@ -485,7 +485,7 @@ impl ExportCopy {
         loop {
             let at = out.len();
             let slab_room = SEQUENTIAL_SLAB_BYTES - (at % SEQUENTIAL_SLAB_BYTES as u64) as usize;
-            let want = (ready - at).min(slab_room as u64) as usize;
+            let want = ready.saturating_sub(at).min(slab_room as u64) as usize;
             if want == 0 || (want < slab_room && ready < self.len) {
                 return Ok(());
             }

@@ -784,18 +784,12 @@ impl Store {
         self.index.page_bytes(id, page)
     }
 
-    /// Opens a complete blob for reading; refuses partial and quarantined ones.
-    /// A complete blob's file opened afresh, read-only: a descriptor of its
-    /// own to hand to an exporting client (`envoy fetch --out`), which
-    /// verifies what it reads against the manifest's content hash.
+    /// A complete blob's file opened afresh, read-only, with its manifest
+    /// root: a descriptor of its own to hand to an exporting client
+    /// (`envoy fetch --out`), which verifies what it reads against the
+    /// manifest's content hash. Refuses partial and quarantined blobs, and a
+    /// file whose size is not the manifest's.
     pub fn open_blob_file(&self, id: &BlobId) -> Result<(File, ManifestRoot), StoreError> {
-        let reader = self.open_blob(id)?;
-        let path = self.blob_path(id);
-        let file = File::open(&path).map_err(StoreError::io("cannot open", &path))?;
-        Ok((file, reader.root().clone()))
-    }
-
-    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader, StoreError> {
         let r = self.record(id)?;
         match r.state {
             BlobState::Complete => {}
@@ -826,12 +820,16 @@ impl Store {
                 ),
             });
         }
-        let map = SealedMap::new(&file, found).map_err(StoreError::io("cannot map", &path))?;
-        Ok(BlobReader {
-            id: *id,
-            root: r.root,
-            map,
-        })
+        Ok((file, r.root))
+    }
+
+    /// Opens a complete blob for reading (mapped); refuses partial and
+    /// quarantined ones.
+    pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader, StoreError> {
+        let (file, root) = self.open_blob_file(id)?;
+        let map = SealedMap::new(&file, root.total_bytes)
+            .map_err(StoreError::io("cannot map", &self.blob_path(id)))?;
+        Ok(BlobReader { id: *id, root, map })
     }
 
     /// Streams a blob's bytes to `sink`, verifying every chunk before it is

@@ -176,9 +176,6 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream) -> Result<()> {
     let mut body = vec![0u8; len as usize];
     read_exact_keeping_fds(&stream, &mut body, &mut fds).await?;
     let request: Request = serde_json::from_slice(&body).context("bad request")?;
-    if fds.len() > 1 {
-        bail!("{} descriptors came with one request", fds.len());
-    }
     let input = fds.pop().map(std::fs::File::from);
 
     let (tx, mut rx) = mpsc::channel::<Out>(FRAME_QUEUE);
@@ -221,6 +218,14 @@ async fn read_exact_keeping_fds(
             .await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if fds.len() > 1 {
+            // Refused at once: a client must not make the daemon hold
+            // descriptors while it sends its request a byte at a time.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} descriptors came with one request", fds.len()),
+            ));
         }
         filled += n;
     }
@@ -284,6 +289,12 @@ async fn dispatch(
                 let _ = writeln!(err, "envoy: {why}; run this with the envoy client");
                 return exit::ERROR;
             }
+            let _turn = match &cmd {
+                StoreCommand::Add { .. } | StoreCommand::Assemble { .. } => {
+                    daemon.inputs.acquire().await.ok()
+                }
+                _ => None,
+            };
             let store = Arc::clone(&daemon.store);
             let progress = ProgressTo::Remote(progress_frames(&frames));
             let code = tokio::task::spawn_blocking(move || {

@@ -41,6 +41,10 @@ use crate::tls::{self, AllowList, PeerVerifier};
 
 pub use fetch::FetchOutcome;
 
+/// `store add` / `store assemble` requests the daemon runs at once; more
+/// wait their turn (see `Daemon::inputs`).
+const INPUT_COMMANDS_MAX: usize = 4;
+
 /// Least default burst of the daemon-wide upload bucket (see
 /// `rate.upload_burst_bytes`).
 const UPLOAD_BURST_BYTES: u64 = 4 << 20;
@@ -80,6 +84,10 @@ pub struct Daemon {
     conns_by_peer: Mutex<HashMap<PeerKey, u32>>,
     /// Blobs being fetched (one fetch per blob at a time).
     fetching: Mutex<std::collections::HashSet<BlobId>>,
+    /// `store add` / `store assemble` requests running at once: each reads
+    /// a file a client handed over on a blocking thread (a FUSE file can
+    /// block that thread), so no client may take them all.
+    pub(crate) inputs: tokio::sync::Semaphore,
     shutdown: watch::Receiver<bool>,
     /// `rate.upload_bytes_per_s`, shared by every connection.
     upload: Option<Mutex<substrate::rate::TokenBucket>>,
@@ -150,6 +158,7 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
         conns_total: AtomicU32::new(0),
         conns_by_peer: Mutex::new(HashMap::new()),
         fetching: Mutex::new(Default::default()),
+        inputs: tokio::sync::Semaphore::new(INPUT_COMMANDS_MAX),
         shutdown,
         upload: config.rate.upload_bytes_per_s.map(|rate| {
             Mutex::new(substrate::rate::TokenBucket::new(

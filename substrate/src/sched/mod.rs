@@ -354,7 +354,7 @@ struct Piece {
 }
 
 /// Most consecutive pieces drawn as one (see "Rarest first"): 16 × 4 MiB
-/// spans one or two manifest pages at the default chunk size.
+/// spans two or three manifest pages at the default chunk size.
 pub const LOCALITY_PIECES_MAX: usize = 16;
 /// Fewest groups a blob's pieces are drawn in, so that receivers of a small
 /// blob still spread over it.
