@@ -295,6 +295,24 @@ fn fetch_from_one_peer_verifies_seals_and_exports() {
     assert!(!b.dir.path().join(".damaged.bin.vigo-partial").exists());
 }
 
+/// An empty blob fetches, seals and exports like any other. (Its source
+/// used to answer the manifest request with a `Have` spanning no chunk,
+/// which the encoder refuses: the connection's writer panicked and the
+/// fetch waited 60 s for a manifest that never came.)
+#[test]
+fn fetch_out_of_an_empty_blob_writes_an_empty_file() {
+    let (a, b) = pair();
+    let id = a.add(&a.file("empty", b""));
+    let out_path = b.dir.path().join("empty.out");
+    b.fetch(&id, &[a.addr()], &out_path).expect(OK);
+    assert_eq!(fs::read(&out_path).unwrap(), b"");
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    ls.expect(OK);
+    assert_eq!(ls.json()[0]["id"], id.as_str());
+    assert_eq!(ls.json()[0]["state"], "complete");
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}
+
 #[test]
 fn fetch_pulls_from_two_sources_at_once() {
     let (a, b, c) = trio();

@@ -611,8 +611,13 @@ async fn handle_out<W: AsyncWrite + Unpin>(
                 Some(r) => {
                     let root = r.reader.root().encode();
                     let mut bytes = encode(&Frame::ManifestRoot { blob, root: &root });
-                    let have = HaveMap::all(blob, 0, r.reader.root().chunk_count);
-                    bytes.extend_from_slice(&encode(&Frame::Have(have)));
+                    // An empty blob has nothing to hold (a `Have` spans at
+                    // least one chunk): its root is the whole answer.
+                    let chunks = r.reader.root().chunk_count;
+                    if chunks > 0 {
+                        let have = HaveMap::all(blob, 0, chunks);
+                        bytes.extend_from_slice(&encode(&Frame::Have(have)));
+                    }
                     bytes
                 }
                 None => encode(&Frame::NotFound { blob }),
