@@ -237,33 +237,21 @@ fn via_daemon(
     cmd: StoreCommand,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let open = |p: &PathBuf| {
-        engine::store::open_input(p).map_err(|e| crate::store_cmd::fail(&mut std::io::stderr(), &e))
+    let (mut cmd, sink) = match cmd {
+        StoreCommand::Export { id, path } => (StoreCommand::Cat { id }, Sink::File(path)),
+        other => (other, Sink::Stdout),
     };
-    let (cmd, sink, input) = match cmd {
-        StoreCommand::Export { id, path } => (StoreCommand::Cat { id }, Sink::File(path), None),
-        StoreCommand::Add { file } => match open(&file) {
-            Ok(f) => (
-                StoreCommand::Add {
-                    file: absolute(file),
-                },
-                Sink::Stdout,
-                Some(f),
-            ),
-            Err(code) => return Ok(code),
-        },
-        StoreCommand::Assemble { manifest } => match open(&manifest) {
-            Ok(f) => (
-                StoreCommand::Assemble {
-                    manifest: absolute(manifest),
-                },
-                Sink::Stdout,
-                Some(f),
-            ),
-            Err(code) => return Ok(code),
-        },
-        other => (other, Sink::Stdout, None),
+    let input = match &mut cmd {
+        StoreCommand::Add { file: path } | StoreCommand::Assemble { manifest: path } => {
+            match engine::store::open_input(path) {
+                Ok(f) => {
+                    *path = std::path::absolute(&*path).unwrap_or_else(|_| path.clone());
+                    Some(f)
+                }
+                Err(e) => return Ok(crate::store_cmd::fail(&mut std::io::stderr(), &e)),
+            }
+        }
+        _ => None,
     };
     control::call(stream, &Request::Store { cmd, json }, sink, input)
 }

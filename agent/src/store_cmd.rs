@@ -69,10 +69,7 @@ fn handed_bundle(file: std::fs::File) -> std::io::Result<std::fs::File> {
         ));
     }
     if meta.len() > BUNDLE_BYTES_MAX {
-        return Err(std::io::Error::other(format!(
-            "{} bytes is larger than any manifest bundle ({BUNDLE_BYTES_MAX} at most)",
-            meta.len()
-        )));
+        return Err(bundle_too_large());
     }
     Ok(file)
 }
@@ -83,11 +80,15 @@ fn read_bundle(file: std::fs::File) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(BUNDLE_BYTES_MAX + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > BUNDLE_BYTES_MAX {
-        return Err(std::io::Error::other(format!(
-            "larger than any manifest bundle ({BUNDLE_BYTES_MAX} bytes at most)"
-        )));
+        return Err(bundle_too_large());
     }
     Ok(bytes)
+}
+
+fn bundle_too_large() -> std::io::Error {
+    std::io::Error::other(format!(
+        "larger than any manifest bundle ({BUNDLE_BYTES_MAX} bytes at most)"
+    ))
 }
 
 /// Where a command's output goes: the terminal, or a control-socket client.

@@ -369,20 +369,19 @@ impl SequentialFile {
         self.len() == 0
     }
 
-    /// Appends up to `max` bytes that `fill` puts straight into the buffer
-    /// it is handed (the free part of the filling slab, at least one byte,
-    /// aligned to [`crate::sys::DIRECT_ALIGN`] when what came before is) and
-    /// returns the count of. No copy: a direct read can land where the
-    /// direct write leaves from.
+    /// Appends the bytes `fill` puts straight into the buffer it is handed
+    /// (the free part of the filling slab, at least one byte, aligned to
+    /// [`crate::sys::DIRECT_ALIGN`] when what came before is) and returns
+    /// the count of. No copy: a direct read can land where the direct write
+    /// leaves from.
     fn append_with(
         &mut self,
-        max: usize,
         fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
         let lease = self.filling.as_mut().expect("a slab is always filling");
         let room = &mut lease.as_mut_slice()[self.filled..];
         let room_len = room.len();
-        let n = fill(room)?.min(max).min(room_len);
+        let n = fill(room)?.min(room_len);
         self.filled += n;
         if self.filled == SEQUENTIAL_SLAB_BYTES {
             self.submit(SEQUENTIAL_SLAB_BYTES)?;
@@ -490,7 +489,7 @@ impl ExportCopy {
                 return Ok(());
             }
             let (src, hasher, direct) = (&self.src, &mut self.hasher, &mut self.direct);
-            out.append_with(want, |buf| {
+            out.append_with(|buf| {
                 let got = read_full(src, at, buf, want, direct)?;
                 hasher.update(&buf[..got]);
                 Ok(got)

@@ -277,8 +277,12 @@ async fn dispatch(
             // The daemon opens no path a client names (it may run as
             // root): what it reads comes as a descriptor the client opened,
             // and what is exported the client writes.
+            let reads_input = matches!(
+                cmd,
+                StoreCommand::Add { .. } | StoreCommand::Assemble { .. }
+            );
             let refused = match &cmd {
-                StoreCommand::Add { .. } | StoreCommand::Assemble { .. } if input.is_none() => {
+                _ if reads_input && input.is_none() => {
                     Some("the daemon reads only a file handed over with the request")
                 }
                 StoreCommand::Export { .. } => Some("the daemon writes no file for a client"),
@@ -289,11 +293,9 @@ async fn dispatch(
                 let _ = writeln!(err, "envoy: {why}; run this with the envoy client");
                 return exit::ERROR;
             }
-            let _turn = match &cmd {
-                StoreCommand::Add { .. } | StoreCommand::Assemble { .. } => {
-                    daemon.inputs.acquire().await.ok()
-                }
-                _ => None,
+            let _turn = match reads_input {
+                true => daemon.inputs.acquire().await.ok(),
+                false => None,
             };
             let store = Arc::clone(&daemon.store);
             let progress = ProgressTo::Remote(progress_frames(&frames));
