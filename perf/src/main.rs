@@ -11,6 +11,7 @@ mod demo;
 mod harness;
 mod ingest;
 mod p2p;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,9 @@ enum Bench {
     Demo(demo::DemoArgs),
     /// One blob envoy-to-envoy over loopback mTLS, against iperf3 and sendme.
     P2p(p2p::P2pArgs),
+    /// The TLS layer alone: how to drive rustls for the data path (buffered,
+    /// unbuffered, or an own record layer over rustls's secrets).
+    Tls(tls::TlsArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Bench::Delta(args) => delta::run(args),
         Bench::Demo(args) => demo::run(args),
         Bench::P2p(args) => p2p::run(args),
+        Bench::Tls(args) => tls::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
