@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod identity;
+pub mod record;
 mod store_cmd;
 pub mod sys;
 pub mod tls;

@@ -35,18 +35,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::client::UnbufferedClientConnection;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, PeerIncompatible,
     SignatureScheme,
 };
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::identity::{HostKey, PeerKey};
+use crate::record::{self, RecordReader, RecordWriter};
 
 /// The ALPN protocol both sides offer, and the only one accepted.
 pub const ALPN: &[u8] = substrate::wire::ALPN_V1;
@@ -263,6 +272,8 @@ pub fn server_config_with(
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.max_early_data_size = 0;
+    // The record layer (`record.rs`) takes the keys over after the handshake.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -290,63 +301,330 @@ pub fn client_config_with(
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     config.enable_early_data = false;
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
+}
+
+/// A connection whose handshake is done: rustls agreed the keys and checked the
+/// peer; its records are sealed and opened by [`crate::record`] (see there
+/// for why). `AsyncRead`/`AsyncWrite` for any caller; the daemon splits it
+/// ([`TlsStream::into_split`]) and reads records straight into its frame decoder.
+pub struct TlsStream {
+    reader: RecordReader<OwnedReadHalf>,
+    writer: RecordWriter<OwnedWriteHalf>,
+    protocol_version: Option<rustls::ProtocolVersion>,
+    alpn: Option<Vec<u8>>,
+    suite: rustls::SupportedCipherSuite,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("protocol_version", &self.protocol_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsStream {
+    /// The receiving and the sending half, each usable on its own task.
+    pub fn into_split(self) -> (RecordReader<OwnedReadHalf>, RecordWriter<OwnedWriteHalf>) {
+        (self.reader, self.writer)
+    }
+
+    /// The TLS version negotiated (always 1.3).
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.protocol_version
+    }
+
+    /// The ALPN protocol negotiated (always [`ALPN`]).
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.alpn.as_deref()
+    }
+
+    /// The cipher suite negotiated.
+    pub fn negotiated_cipher_suite(&self) -> Option<rustls::SupportedCipherSuite> {
+        Some(self.suite)
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().reader).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
+    }
 }
 
 /// Server side of a connection: the TLS handshake within `timeout`, the ALPN check,
 /// the peer's key. On refusal logs one `warn` line naming the remote address and
 /// the reason, and returns the reason.
 pub async fn accept(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    config: &Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerKey), Refusal> {
+) -> Result<(TlsStream, PeerKey), Refusal> {
     let remote = tcp.peer_addr().ok();
-    let result = accept_checked(acceptor, tcp, timeout).await;
+    let result = async {
+        let conn = UnbufferedServerConnection::new(Arc::clone(config))
+            .map_err(|e| Refusal::Tls(e.to_string()))?;
+        tokio::time::timeout(timeout, handshake(conn, tcp))
+            .await
+            .unwrap_or(Err(Refusal::Timeout))
+    }
+    .await;
     if let Err(refusal) = &result {
         tracing::warn!("refused TLS peer {}: {refusal}", remote_text(remote));
     }
     result
 }
 
-async fn accept_checked(
-    acceptor: &tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
-    timeout: Duration,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerKey), Refusal> {
-    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Err(_elapsed) => return Err(Refusal::Timeout),
-        Ok(Err(e)) => return Err(refusal_from_io(e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let conn = stream.get_ref().1;
-    if conn.alpn_protocol() != Some(ALPN) {
-        return Err(Refusal::NoCommonAlpn);
-    }
-    let key = negotiated_key(conn.peer_certificates())?;
-    Ok((stream, key))
-}
-
 /// Client side of a connection: the TLS handshake within `timeout`, the ALPN check,
 /// the server's key. Does not log: the caller knows what it was connecting for.
 /// See the module comment for why success does not yet mean the server admitted us.
 pub async fn connect(
-    connector: &tokio_rustls::TlsConnector,
+    config: &Arc<rustls::ClientConfig>,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, PeerKey), Refusal> {
+) -> Result<(TlsStream, PeerKey), Refusal> {
     let name = ServerName::try_from(SERVER_NAME).expect("SERVER_NAME is a valid DNS name");
-    let stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
-        Err(_elapsed) => return Err(Refusal::Timeout),
-        Ok(Err(e)) => return Err(refusal_from_io(e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let conn = stream.get_ref().1;
+    let conn = UnbufferedClientConnection::new(Arc::clone(config), name)
+        .map_err(|e| Refusal::Tls(e.to_string()))?;
+    tokio::time::timeout(timeout, handshake(conn, tcp))
+        .await
+        .unwrap_or(Err(Refusal::Timeout))
+}
+
+/// Both sides of rustls's unbuffered API (`process_tls_records` is written once
+/// per side, not behind a trait).
+trait Unbuffered:
+    std::ops::Deref<Target = rustls::unbuffered::UnbufferedConnectionCommon<Self::Data>> + Send
+{
+    type Data: Send + 'static;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn into_kernel(
+        self,
+    ) -> Result<(rustls::ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(
+        self,
+    ) -> Result<(rustls::ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(
+        self,
+    ) -> Result<(rustls::ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+}
+
+/// A handshake flight is at most this big (rustls allows 64 KiB messages).
+const HANDSHAKE_BUFFER_MAX: usize = 128 << 10;
+
+/// Drives rustls through the handshake over `tcp`, checks ALPN and the peer's
+/// key, and hands the connection's secrets to the record layer. Records that
+/// arrived with the handshake's end go with them: plaintext rustls already
+/// opened (the peer may write as soon as its own handshake is done), then
+/// ciphertext.
+async fn handshake<C: Unbuffered>(
+    mut conn: C,
+    mut tcp: TcpStream,
+) -> Result<(TlsStream, PeerKey), Refusal> {
+    enum Next {
+        Read,
+        Transmit,
+        Again,
+        Done,
+    }
+    let mut incoming = vec![0u8; 16 << 10];
+    let mut used = 0;
+    let mut outgoing = vec![0u8; 16 << 10];
+    let mut out_used = 0;
+    let mut early_plain = Vec::new();
+    let mut peer_closed = false;
+    loop {
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
+        let next = match state {
+            Err(e) => {
+                let refusal = refusal_from_rustls(&e);
+                incoming.copy_within(discard..used, 0);
+                send_alert(&mut conn, &mut incoming[..used - discard], &mut tcp).await;
+                return Err(refusal);
+            }
+            Ok(ConnectionState::EncodeTlsData(mut s)) => loop {
+                match s.encode(&mut outgoing[out_used..]) {
+                    Ok(n) => {
+                        out_used += n;
+                        break Next::Again;
+                    }
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
+                        if out_used + required_size <= HANDSHAKE_BUFFER_MAX =>
+                    {
+                        outgoing.resize(out_used + required_size, 0);
+                    }
+                    Err(e) => return Err(Refusal::Tls(format!("encoding the handshake: {e}"))),
+                }
+            },
+            Ok(ConnectionState::TransmitTlsData(s)) => {
+                s.done();
+                Next::Transmit
+            }
+            Ok(ConnectionState::BlockedHandshake) => Next::Read,
+            // A server may write before the client's flight arrives; the
+            // handshake is done only when the peer is authenticated.
+            Ok(ConnectionState::WriteTraffic(_)) => Next::Done,
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                while let Some(record) = r.next_record() {
+                    let record = record.map_err(|e| refusal_from_rustls(&e))?;
+                    discard += record.discard;
+                    early_plain.extend_from_slice(record.payload);
+                }
+                Next::Again
+            }
+            // The peer wrote and closed as soon as its side was done: what
+            // it wrote is in `early_plain`, and the reader ends after it.
+            Ok(ConnectionState::PeerClosed) => {
+                peer_closed = true;
+                Next::Again
+            }
+            Ok(ConnectionState::Closed) => {
+                return Err(Refusal::Tls(
+                    "the peer closed the connection in the handshake".into(),
+                ));
+            }
+            Ok(other) => return Err(Refusal::Tls(format!("unexpected TLS state {other:?}"))),
+        };
+        incoming.copy_within(discard..used, 0);
+        used -= discard;
+        if peer_closed && conn.is_handshaking() {
+            return Err(Refusal::Tls(
+                "the peer closed the connection in the handshake".into(),
+            ));
+        }
+        match next {
+            Next::Done if !conn.is_handshaking() => break,
+            Next::Read | Next::Done => {
+                if used == incoming.len() {
+                    if incoming.len() >= HANDSHAKE_BUFFER_MAX {
+                        return Err(Refusal::Tls("handshake messages too large".into()));
+                    }
+                    incoming.resize(incoming.len() * 2, 0);
+                }
+                let n = tcp.read(&mut incoming[used..]).await.map_err(Refusal::Io)?;
+                if n == 0 {
+                    return Err(Refusal::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection in the TLS handshake",
+                    )));
+                }
+                used += n;
+            }
+            Next::Transmit => {
+                tcp.write_all(&outgoing[..out_used])
+                    .await
+                    .map_err(Refusal::Io)?;
+                out_used = 0;
+            }
+            Next::Again => {}
+        }
+    }
     if conn.alpn_protocol() != Some(ALPN) {
         return Err(Refusal::NoCommonAlpn);
     }
     let key = negotiated_key(conn.peer_certificates())?;
+    let protocol_version = conn.protocol_version();
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let (suite, limit) = match conn.negotiated_cipher_suite() {
+        Some(suite @ rustls::SupportedCipherSuite::Tls13(tls13)) => {
+            (suite, tls13.common.confidentiality_limit)
+        }
+        _ => return Err(Refusal::Tls("no TLS 1.3 cipher suite negotiated".into())),
+    };
+    let (secrets, kernel) = conn
+        .into_kernel()
+        .map_err(|e| Refusal::Tls(format!("handing the keys to the record layer: {e}")))?;
+    let shared = record::Shared::new(Box::new(kernel), limit);
+    let rx = record::RecordKey::new(secrets.rx).map_err(Refusal::Io)?;
+    let tx = record::RecordKey::new(secrets.tx).map_err(Refusal::Io)?;
+    let (read, write) = tcp.into_split();
+    let stream = TlsStream {
+        reader: RecordReader::new(
+            read,
+            rx,
+            Arc::clone(&shared),
+            early_plain,
+            incoming[..used].to_vec(),
+            peer_closed,
+        ),
+        writer: RecordWriter::new(write, tx, shared),
+        protocol_version,
+        alpn,
+        suite,
+    };
     Ok((stream, key))
+}
+
+/// After a handshake error: sends the alert rustls queued, if any (best effort).
+/// `incoming` is what is left of the buffer the error came from (rustls keeps
+/// positions into it).
+async fn send_alert<C: Unbuffered>(conn: &mut C, incoming: &mut [u8], tcp: &mut TcpStream) {
+    let mut out = vec![0u8; 512];
+    let mut n = 0;
+    for _ in 0..4 {
+        match conn.process(incoming).state {
+            Ok(ConnectionState::EncodeTlsData(mut s)) => match s.encode(&mut out[n..]) {
+                Ok(k) => n += k,
+                Err(_) => break,
+            },
+            Ok(ConnectionState::TransmitTlsData(s)) => {
+                s.done();
+                break;
+            }
+            _ => break,
+        }
+    }
+    let _ = tcp.write_all(&out[..n]).await;
 }
 
 fn remote_text(remote: Option<SocketAddr>) -> String {
@@ -363,17 +641,6 @@ fn negotiated_key(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerKey, Refus
             certs.len()
         ))),
     }
-}
-
-/// The precise refusal behind a handshake error from tokio-rustls.
-fn refusal_from_io(e: std::io::Error) -> Refusal {
-    if let Some(tls) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        return refusal_from_rustls(tls);
-    }
-    Refusal::Io(e)
 }
 
 fn refusal_from_rustls(e: &rustls::Error) -> Refusal {

@@ -814,8 +814,7 @@ fn raw_exchange(
     let to_key: agent::identity::PeerKey = to.key.parse().unwrap();
     rt.block_on(async {
         let verifier = Arc::new(AllowList::new(vec![to_key]));
-        let connector =
-            tokio_rustls::TlsConnector::from(tls::client_config(key, verifier).unwrap());
+        let connector = tls::client_config(key, verifier).unwrap();
         let tcp = tokio::net::TcpStream::connect(to.addr()).await.unwrap();
         let (mut stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
             .await

@@ -55,7 +55,7 @@ enum Client {
 async fn exchange(server: Arc<rustls::ServerConfig>, client: Client) -> (ServerSide, ClientSide) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let acceptor = server;
     let server_task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let (mut stream, key) = tls::accept(&acceptor, tcp, TIMEOUT).await?;
@@ -67,13 +67,10 @@ async fn exchange(server: Arc<rustls::ServerConfig>, client: Client) -> (ServerS
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     let client_side = match client {
-        Client::Ours(config) => {
-            let connector = tokio_rustls::TlsConnector::from(config);
-            match tls::connect(&connector, tcp, TIMEOUT).await {
-                Err(refusal) => ClientSide::Refused(refusal),
-                Ok((stream, key)) => talk(stream, Some(key)).await,
-            }
-        }
+        Client::Ours(config) => match tls::connect(&config, tcp, TIMEOUT).await {
+            Err(refusal) => ClientSide::Refused(refusal),
+            Ok((stream, key)) => talk(stream, Some(key)).await,
+        },
         Client::Raw(config) => {
             let connector = tokio_rustls::TlsConnector::from(config);
             let name = ServerName::try_from(tls::SERVER_NAME).unwrap();
@@ -91,7 +88,7 @@ async fn exchange(server: Arc<rustls::ServerConfig>, client: Client) -> (ServerS
 }
 
 async fn talk(
-    mut stream: tokio_rustls::client::TlsStream<TcpStream>,
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     server: Option<PeerKey>,
 ) -> ClientSide {
     let reply = async {
@@ -174,11 +171,11 @@ async fn admitted_both_ways_exchange_bytes() {
     let hosts = Hosts::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(hosts.server_config());
+    let acceptor = hosts.server_config();
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let (mut stream, key) = tls::accept(&acceptor, tcp, TIMEOUT).await.unwrap();
-        let conn = stream.get_ref().1;
+        let conn = &stream;
         assert_eq!(
             conn.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
@@ -190,10 +187,10 @@ async fn admitted_both_ways_exchange_bytes() {
         stream.shutdown().await.unwrap();
         (key, got)
     });
-    let connector = tokio_rustls::TlsConnector::from(hosts.client_config());
+    let connector = hosts.client_config();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut stream, server_key) = tls::connect(&connector, tcp, TIMEOUT).await.unwrap();
-    let conn = stream.get_ref().1;
+    let conn = &stream;
     assert_eq!(
         conn.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
@@ -566,7 +563,7 @@ async fn silent_client_times_out() {
     let hosts = Hosts::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(hosts.server_config());
+    let acceptor = hosts.server_config();
     let _silent = TcpStream::connect(addr).await.unwrap();
     let (tcp, _) = listener.accept().await.unwrap();
     let timeout = Duration::from_millis(300);
@@ -636,8 +633,8 @@ async fn refusal_logs_one_warning_with_address_and_reason() {
     let server = tls::server_config(&hosts.server, Arc::new(AllowList::default())).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    let connector = tokio_rustls::TlsConnector::from(hosts.client_config());
+    let acceptor = server;
+    let connector = hosts.client_config();
     let client = tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let local = tcp.local_addr().unwrap();

@@ -5,7 +5,8 @@
 //! requests) and may carry one fetch (a [`Tap`]: the fetch that dialed it).
 //!
 //! # Reader
-//! Decodes frames from the TLS stream straight into the `Decoder`'s buffer.
+//! Reads TLS records straight into the `Decoder`'s buffer and opens them there
+//! (`record::RecordReader::read_into`), then decodes frames.
 //! Requests for us (`GetManifest*`, `Request`, `Cancel`) go to the writer;
 //! answers (`ManifestRoot`, `ManifestPage`, `NotFound`, `Have`, `Reject`)
 //! go to the tap's fetch as encoded frames. `Data` is the hot path: the
@@ -14,16 +15,17 @@
 //! reader decrypts the next frames; only verdicts travel to the fetch.
 //!
 //! # Writer
-//! Owns the write half behind a `BufWriter`, the `Uploader` (credit, request
+//! Owns the write half (`record::RecordWriter`, which buffers records like the
+//! `BufWriter` it replaced), the `Uploader` (credit, request
 //! rate, upload rate) and the queue of outgoing frames. Between chunks it
 //! takes new messages (so a `Cancel` is seen promptly) and flushes when it
 //! has nothing more to send.
 //!
 //! # Copies per payload byte
 //! See ARCHITECTURE.md ("The transfer data path"): serving, mapped file →
-//! `BufWriter` → rustls record buffer (encrypted in place) → kernel;
-//! receiving, kernel → rustls (decrypted in place) → the `Decoder`'s buffer
-//! (read straight into it) → the intake batch → `pwritev`.
+//! the record being filled (encrypted in place) → kernel; receiving, kernel →
+//! the `Decoder`'s buffer (decrypted in place there), which becomes the intake
+//! batch → the aligned slab of a direct write.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -37,17 +39,18 @@ use substrate::serve::{Transmit, Uploader};
 use substrate::wire::{
     self, CloseCode, DecodeError, Decoder, Frame, HaveMap, Limits, RejectCode, Request,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
 use super::Daemon;
 use super::intake::Intake;
 use crate::identity::PeerKey;
+use crate::record::RecordReader;
+use crate::tls::TlsStream;
 
-/// Bytes read from the TLS stream at a time.
+/// Bytes read from the socket at a time.
 const READ_BYTES: usize = 256 << 10;
-/// Capacity of the writer's buffer (frames are coalesced into TLS records).
-const WRITE_BUFFER_BYTES: usize = 256 << 10;
 /// Messages queued for a writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
 
@@ -147,17 +150,14 @@ pub(crate) fn encode(frame: &Frame<'_>) -> Vec<u8> {
 }
 
 /// Starts the tasks of a connection that completed its handshake.
-pub(crate) fn start<S>(
+pub(crate) fn start(
     daemon: &Arc<Daemon>,
-    stream: S,
+    stream: TlsStream,
     peer: PeerKey,
     remote: SocketAddr,
     tap: Option<Tap>,
-) -> ConnHandle
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (read, write) = tokio::io::split(stream);
+) -> ConnHandle {
+    let (read, write) = stream.into_split();
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let handle = ConnHandle {
         peer,
@@ -211,9 +211,9 @@ fn now(epoch: Instant) -> substrate::Timestamp {
     substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64)
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop(
     daemon: Arc<Daemon>,
-    mut read: R,
+    mut read: RecordReader<OwnedReadHalf>,
     out: mpsc::Sender<Out>,
     tap: Option<Tap>,
     peer: PeerKey,
@@ -237,9 +237,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     why
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(
+async fn read_frames(
     daemon: &Arc<Daemon>,
-    read: &mut R,
+    read: &mut RecordReader<OwnedReadHalf>,
     out: &mpsc::Sender<Out>,
     tap: Option<&Tap>,
     peer: PeerKey,
@@ -253,24 +253,15 @@ async fn read_frames<R: AsyncRead + Unpin>(
         // until it is handed over (see `intake`).
         let keep = intake.as_ref().is_some_and(Intake::holds_payloads);
         tokio::select! {
-            r = async {
-                let buf = if keep {
-                    decoder.receive_buffer_keeping(READ_BYTES)
-                } else {
-                    decoder.receive_buffer(READ_BYTES)
-                };
-                // At most READ_BYTES a read: `read_buf` would fill all the
-                // spare capacity, and a kept buffer's grows by doubling.
-                let mut buf = bytes::BufMut::limit(buf, READ_BYTES);
-                tokio::time::timeout(idle, read.read_buf(&mut buf)).await
-            } => match r {
+            // At most READ_BYTES a read: a kept buffer grows by doubling.
+            r = tokio::time::timeout(idle, read.read_into(decoder, keep, READ_BYTES)) => match r {
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
                     let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
                     return why;
                 }
-                Ok(Ok(0)) => return "closed by peer".into(),
-                Ok(Ok(_)) => {}
+                Ok(Ok(false)) => return "closed by peer".into(),
+                Ok(Ok(true)) => {}
                 Ok(Err(e)) => return format!("read failed: {e}"),
             },
             b = async { intake.as_mut().expect("guarded").returned().await }, if intake.is_some() => {
@@ -429,7 +420,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     peer: PeerKey,
     remote: SocketAddr,
 ) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write);
+    let mut w = write;
     // (bytes, chunks) served on this connection, for its last log line.
     let mut served = (0u64, 0u64);
     let hello = uploader.hello(Limits::DEFAULT.frame_bytes_max);
@@ -572,7 +563,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 /// Handles one writer message; `Ok(true)` ends the connection.
 async fn handle_out<W: AsyncWrite + Unpin>(
     daemon: &Daemon,
-    w: &mut BufWriter<W>,
+    w: &mut W,
     uploader: &mut Uploader,
     epoch: Instant,
     m: Out,

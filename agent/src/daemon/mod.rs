@@ -76,8 +76,8 @@ pub struct Daemon {
     pub store: Arc<Store>,
     pub host: PeerKey,
     pub listen: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    connector: tokio_rustls::TlsConnector,
+    server_tls: Arc<rustls::ServerConfig>,
+    client_tls: Arc<rustls::ClientConfig>,
     /// Sealed blobs being served, mapped once and shared by connections.
     served: Mutex<HashMap<BlobId, Arc<Served>>>,
     conns_total: AtomicU32,
@@ -137,9 +137,8 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
     .with_context(|| format!("cannot open store at {}", store_dir.display()))?;
     let store = Arc::new(store);
     let verifier: Arc<dyn PeerVerifier> = Arc::new(AllowList::new(config.allowed_keys()?));
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(tls::server_config(&host_key, verifier.clone())?);
-    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&host_key, verifier)?);
+    let server_tls = tls::server_config(&host_key, verifier.clone())?;
+    let client_tls = tls::client_config(&host_key, verifier)?;
 
     let socket_path = config.control_socket();
     let control = control_server::bind(&socket_path)?;
@@ -152,8 +151,8 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
         store,
         host,
         listen,
-        acceptor,
-        connector,
+        server_tls,
+        client_tls,
         served: Mutex::new(HashMap::new()),
         conns_total: AtomicU32::new(0),
         conns_by_peer: Mutex::new(HashMap::new()),
@@ -232,7 +231,7 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener) {
             };
             let _ = tcp.set_nodelay(true);
             let accepted =
-                tls::accept(&daemon.acceptor, tcp, daemon.config.handshake_timeout()).await;
+                tls::accept(&daemon.server_tls, tcp, daemon.config.handshake_timeout()).await;
             let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(_) => {
@@ -388,7 +387,7 @@ impl Daemon {
             .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out after {timeout:?}"))?
             .with_context(|| format!("cannot connect to {addr}"))?;
         let _ = tcp.set_nodelay(true);
-        let (stream, peer) = tls::connect(&self.connector, tcp, timeout)
+        let (stream, peer) = tls::connect(&self.client_tls, tcp, timeout)
             .await
             .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
         let Some(slot) = self.reserve_peer(peer) else {

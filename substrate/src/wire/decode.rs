@@ -403,6 +403,9 @@ pub struct Decoder {
     buf: Vec<u8>,
     /// Start of the unconsumed bytes in `buf`.
     start: usize,
+    /// Bytes at the end of `buf` that belong to the transport, not yet to the
+    /// frame stream (see [`Decoder::set_transport_held`]).
+    held: usize,
     failed: Option<DecodeError>,
 }
 
@@ -412,6 +415,7 @@ impl Decoder {
             limits,
             buf: Vec::new(),
             start: 0,
+            held: 0,
             failed: None,
         }
     }
@@ -420,11 +424,13 @@ impl Decoder {
         &self.limits
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes (with no transport tail held: they would land
+    /// behind it).
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.failed.is_some() || bytes.is_empty() {
             return;
         }
+        assert_eq!(self.held, 0, "feed behind a transport's held bytes");
         if self.start > 0 {
             // Drop consumed frames; what moves is less than one frame.
             self.buf.drain(..self.start);
@@ -442,6 +448,7 @@ impl Decoder {
             // Nothing fed after a failure is ever decoded: keep it empty.
             self.buf.clear();
             self.start = 0;
+            self.held = 0;
         } else if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
@@ -459,6 +466,7 @@ impl Decoder {
             // Nothing fed after a failure is ever decoded; what was decoded
             // before it stays for `take_consumed`.
             self.buf.truncate(self.start);
+            self.held = 0;
         }
         self.buf.reserve(min);
         &mut self.buf
@@ -470,6 +478,7 @@ impl Decoder {
     /// a recycled buffer), into which the bytes not yet decoded (less than
     /// one frame) are moved. A receiver can so keep payloads where they
     /// were received instead of copying them out of the decoder.
+    /// A transport tail held at the end of the buffer moves with those bytes.
     pub fn take_consumed(&mut self, mut fresh: Vec<u8>) -> Vec<u8> {
         fresh.clear();
         fresh.extend_from_slice(&self.buf[self.start..]);
@@ -495,7 +504,7 @@ impl Decoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let pending = &self.buf[self.start..];
+        let pending = &self.buf[self.start..self.buf.len() - self.held];
         let len = match frame_len(pending, &self.limits) {
             Ok(Some(len)) => len,
             Ok(None) => return Ok(None),
@@ -506,7 +515,7 @@ impl Decoder {
             // counting what `receive_buffer` frees by dropping the decoded
             // frames before it (growing only when that is not enough: a
             // reallocation per read would churn the allocator).
-            if self.buf.capacity() - self.start < len {
+            if self.buf.capacity() - self.start < len + self.held {
                 let missing = len - pending.len();
                 self.buf.reserve_exact(missing);
             }
@@ -522,6 +531,7 @@ impl Decoder {
             Ok(None) => Ok(None),
             Err(e) => {
                 self.failed = Some(e.clone());
+                self.held = 0;
                 Err(e)
             }
         }
@@ -533,12 +543,37 @@ impl Decoder {
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.failed = Some(e.clone());
         self.buf.truncate(self.start);
+        self.held = 0;
         e
     }
 
-    /// Bytes received and not yet returned as frames.
+    /// Declares the last `held` bytes of the buffer the transport's own: bytes
+    /// it appended through [`Decoder::receive_buffer`] or
+    /// [`Decoder::receive_buffer_keeping`] that are not frame bytes yet (a TLS
+    /// record not complete, and the room its plaintext will move into once it
+    /// is). Frames are decoded only from the bytes before them; the buffer's
+    /// compaction and [`Decoder::take_consumed`] keep them, in order, at the
+    /// buffer's end. After a failure the decoder holds nothing.
+    pub fn set_transport_held(&mut self, held: usize) {
+        if self.failed.is_some() {
+            return;
+        }
+        assert!(
+            held <= self.buf.len() - self.start,
+            "the transport holds only bytes not yet decoded"
+        );
+        self.held = held;
+    }
+
+    /// What [`Decoder::set_transport_held`] last declared (0 after a failure).
+    pub fn transport_held(&self) -> usize {
+        self.held
+    }
+
+    /// Bytes received and not yet returned as frames (the transport's held
+    /// bytes not counted).
     pub fn buffered_bytes(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.len() - self.held - self.start
     }
 
     /// Bytes the buffer has room for (what it costs in memory).

@@ -308,6 +308,49 @@ proptest! {
         prop_assert_eq!(out, frames);
     }
 
+    /// A transport that keeps bytes of its own at the buffer's end (a TLS
+    /// record not yet complete): frames decode from the bytes before them
+    /// only, the held bytes stay at the end through compaction and
+    /// `take_consumed`, and the transport turns them into stream bytes later.
+    #[test]
+    fn bytes_a_transport_holds_are_never_decoded(
+        frames in prop::collection::vec(frame(), 1..12),
+        cuts in prop::collection::vec(any::<usize>(), 0..40),
+        tails in prop::collection::vec(0usize..64, 0..40),
+        takes in prop::collection::vec(any::<bool>(), 0..40),
+        keeping in any::<bool>(),
+    ) {
+        let bytes = encode_all(&frames);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.extend([0, bytes.len()]);
+        cuts.sort_unstable();
+        let mut d = Decoder::new(Limits::DEFAULT);
+        let mut out = Vec::new();
+        for (i, w) in cuts.windows(2).enumerate() {
+            let held = d.transport_held();
+            let buf = if keeping {
+                d.receive_buffer_keeping(w[1] - w[0] + 64)
+            } else {
+                d.receive_buffer(w[1] - w[0] + 64)
+            };
+            // The held tail is the transport's: it ends in the junk it left.
+            prop_assert!(buf[buf.len() - held..].iter().all(|&b| b == 0xA5));
+            buf.truncate(buf.len() - held);
+            buf.extend_from_slice(&bytes[w[0]..w[1]]);
+            let tail = tails.get(i).copied().unwrap_or(0);
+            buf.resize(buf.len() + tail, 0xA5);
+            d.set_transport_held(tail);
+            while let Some((_, f)) = d.poll_frame_at().unwrap() {
+                out.push(Owned::of(&f));
+            }
+            if keeping && takes.get(i).copied().unwrap_or(false) {
+                let _ = d.take_consumed(vec![0xEE; 5]);
+            }
+        }
+        prop_assert_eq!(d.buffered_bytes(), 0);
+        prop_assert_eq!(out, frames);
+    }
+
     #[test]
     fn random_bytes_never_panic(
         data in prop::collection::vec(any::<u8>(), 0..2048),

@@ -1,0 +1,739 @@
+//! TLS 1.3 records over the traffic secrets rustls hands over after the
+//! handshake: what a kernel-TLS socket does in the kernel, done here in user
+//! space so that received records are opened where they land.
+//!
+//! rustls does the handshake, the certificate checks and the key schedule
+//! (`tls.rs`); `dangerous_into_kernel_connection` then gives each direction's
+//! key, IV and sequence number, and keeps the state that derives the next keys
+//! on a KeyUpdate. This module seals and opens the records (RFC 8446 §5) with
+//! *ring*, the same AEAD rustls uses. Why (`vigo-perf tls`, 4 GiB over
+//! loopback, receiver CPU): rustls's buffered path decrypts each record in its
+//! own buffer, copies it into a `Vec` of its own and then into the reader's
+//! buffer (2.96 CPU-s); its unbuffered API still makes the `Vec` copy (1.66);
+//! records opened in place in the frame decoder's buffer make none (0.88).
+//!
+//! - Receiving ([`RecordReader::read_into`]): the socket is read straight into
+//!   the `Decoder`'s buffer and every complete record is opened where it lies
+//!   with `open_within`, which decrypts and moves the plaintext down over the
+//!   framing of the records before it in one pass. What is not yet a complete
+//!   record stays at the buffer's end as the decoder's transport tail
+//!   (`Decoder::set_transport_held`): the gap left by the framing, then the
+//!   partial record.
+//! - Sending ([`RecordWriter`], an `AsyncWrite` that buffers like the
+//!   `BufWriter` it replaces): bytes are copied once, straight into the open
+//!   record's plaintext, and each full record is sealed in place.
+//! - Only application data, a close_notify and KeyUpdate are accepted after
+//!   the handshake; any other record (another alert, a handshake message, a
+//!   record that fails authentication, a header that is not TLS 1.3's, a
+//!   length over 2^14 + 256) ends the connection with the reason. A peer
+//!   closing the socket without a close_notify is an error too (truncation).
+//! - Keys are replaced before the suite's confidentiality limit (AES-GCM: 2^24
+//!   records, RFC 8446 §5.5): the writer sends a KeyUpdate and goes on under the
+//!   next key; a KeyUpdate received is followed, and answered when it asks.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use ring::aead;
+use rustls::ConnectionTrafficSecrets;
+use substrate::wire::Decoder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// A record header: content type, legacy version, length.
+pub const HEADER_BYTES: usize = 5;
+/// Plaintext bytes in one record at most (2^14).
+pub const PLAINTEXT_MAX: usize = 1 << 14;
+/// A record's ciphertext at most (2^14 + 256).
+pub const CIPHERTEXT_MAX: usize = PLAINTEXT_MAX + 256;
+/// One record on the wire at most.
+pub const WIRE_MAX: usize = HEADER_BYTES + CIPHERTEXT_MAX;
+const TAG_BYTES: usize = 16;
+const CONTENT_ALERT: u8 = 21;
+const CONTENT_HANDSHAKE: u8 = 22;
+const CONTENT_APPLICATION_DATA: u8 = 23;
+const HANDSHAKE_KEY_UPDATE: u8 = 24;
+const ALERT_CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// Sealed records the writer buffers before sending (the `BufWriter` it replaces had 256 KiB).
+const OUT_BYTES: usize = 256 << 10;
+/// Bytes the generic `AsyncRead` reads from the socket at a time.
+const READ_BYTES: usize = 64 << 10;
+/// Records sealed under one key: a KeyUpdate goes out this many records
+/// before the suite's confidentiality limit.
+const KEY_UPDATE_MARGIN: u64 = 1 << 12;
+
+fn invalid(why: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why.into())
+}
+
+/// Derives a direction's next traffic secret (rustls's `KernelConnection`).
+pub(crate) trait Rekey: Send {
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
+}
+
+impl<D: Send> Rekey for rustls::kernel::KernelConnection<D> {
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        self.update_tx_secret()
+    }
+
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        self.update_rx_secret()
+    }
+}
+
+/// What the two halves of a connection share: the key schedule, and the
+/// reader's word to the writer that the peer asked for a KeyUpdate.
+pub(crate) struct Shared {
+    rekey: Mutex<Box<dyn Rekey>>,
+    update_requested: AtomicBool,
+    /// The suite's confidentiality limit, in records per key.
+    limit: u64,
+}
+
+impl Shared {
+    pub(crate) fn new(rekey: Box<dyn Rekey>, limit: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            rekey: Mutex::new(rekey),
+            update_requested: AtomicBool::new(false),
+            limit,
+        })
+    }
+}
+
+/// One direction's AEAD key, static IV and record sequence number
+/// (RFC 8446 §5.3: the nonce is the IV xor the sequence number).
+pub(crate) struct RecordKey {
+    key: aead::LessSafeKey,
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+}
+
+impl RecordKey {
+    pub(crate) fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<RecordKey> {
+        let (algorithm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(invalid("a cipher suite the record layer does not know")),
+        };
+        let key = aead::UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| invalid("a traffic key of the wrong length"))?;
+        let iv = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| invalid("a traffic IV of the wrong length"))?;
+        Ok(RecordKey {
+            key: aead::LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    fn next_nonce(&mut self) -> io::Result<aead::Nonce> {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *n ^= s;
+        }
+        // Never reached under a limit of 2^24; a wrapped counter would reuse nonces.
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| invalid("record sequence number exhausted"))?;
+        Ok(aead::Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// The header of a TLS 1.3 record: always application data on the wire (§5.2).
+fn header(ciphertext_len: usize) -> [u8; HEADER_BYTES] {
+    let [hi, lo] = (ciphertext_len as u16).to_be_bytes();
+    [CONTENT_APPLICATION_DATA, 3, 3, hi, lo]
+}
+
+fn alert_text(alert: &[u8]) -> String {
+    match alert {
+        [level, description] => format!(
+            "the peer sent a TLS alert ({}, description {description})",
+            if *level == 2 { "fatal" } else { "warning" }
+        ),
+        _ => format!("a malformed TLS alert ({} bytes)", alert.len()),
+    }
+}
+
+/// The receiving half: opens records in place.
+pub struct RecordReader<R> {
+    io: R,
+    key: RecordKey,
+    shared: Arc<Shared>,
+    /// Bytes between the plaintext and the next record (the framing of the
+    /// records opened since), at the start of the held tail.
+    gap: usize,
+    /// A close_notify was received.
+    closed: bool,
+    /// What arrived with the end of the handshake: plaintext rustls had
+    /// already opened, then ciphertext. Taken by the first read.
+    early_plain: Vec<u8>,
+    early_raw: Vec<u8>,
+    /// The generic `AsyncRead`'s buffer: plaintext `[start, end)`, then the
+    /// held tail up to `raw_end`.
+    own: Vec<u8>,
+    own_start: usize,
+    own_end: usize,
+    own_raw_end: usize,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    pub(crate) fn new(
+        io: R,
+        key: RecordKey,
+        shared: Arc<Shared>,
+        early_plain: Vec<u8>,
+        early_raw: Vec<u8>,
+        closed: bool,
+    ) -> RecordReader<R> {
+        RecordReader {
+            io,
+            key,
+            shared,
+            gap: 0,
+            closed,
+            early_plain,
+            early_raw,
+            own: Vec::new(),
+            own_start: 0,
+            own_end: 0,
+            own_raw_end: 0,
+        }
+    }
+
+    /// Reads what has arrived (at most `max` bytes) into `decoder`'s buffer
+    /// (`keeping`: [`Decoder::receive_buffer_keeping`]) and opens every record
+    /// that is complete. `Ok(true)` when it read something, `Ok(false)` once
+    /// the stream has ended with the peer's close_notify (the call after the
+    /// one that opened it). Cancel-safe: the socket read is its only await.
+    pub async fn read_into(
+        &mut self,
+        decoder: &mut Decoder,
+        keeping: bool,
+        max: usize,
+    ) -> io::Result<bool> {
+        let early = self.early_plain.len() + self.early_raw.len();
+        if self.closed && early == 0 {
+            return Ok(false);
+        }
+        let held = decoder.transport_held();
+        let buf = if keeping {
+            decoder.receive_buffer_keeping(max.max(early))
+        } else {
+            decoder.receive_buffer(max.max(early))
+        };
+        let mut plain = buf.len() - held;
+        if early > 0 {
+            // Only on the first read: nothing is held yet.
+            buf.extend_from_slice(&self.early_plain);
+            plain = buf.len();
+            buf.extend_from_slice(&self.early_raw);
+            self.early_plain = Vec::new();
+            self.early_raw = Vec::new();
+        } else {
+            let mut limited = bytes::BufMut::limit(&mut *buf, max);
+            if self.io.read_buf(&mut limited).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without a TLS close_notify",
+                ));
+            }
+        }
+        let plain = self.open(buf, plain)?;
+        let held = buf.len() - plain;
+        decoder.set_transport_held(held);
+        Ok(true)
+    }
+
+    /// Opens every complete record in `buf` after `plain` (where the
+    /// plaintext ends; the held tail follows it), moving each record's
+    /// plaintext to the end of the plaintext. Returns the new end.
+    fn open(&mut self, buf: &mut [u8], mut plain: usize) -> io::Result<usize> {
+        let mut raw = plain + self.gap;
+        while !self.closed && buf.len() - raw >= HEADER_BYTES {
+            let head: [u8; HEADER_BYTES] =
+                buf[raw..raw + HEADER_BYTES].try_into().expect("five bytes");
+            if head[..3] != [CONTENT_APPLICATION_DATA, 3, 3] {
+                return Err(invalid(format!("not a TLS 1.3 record header: {head:02x?}")));
+            }
+            let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+            if !(TAG_BYTES + 1..=CIPHERTEXT_MAX).contains(&len) {
+                return Err(invalid(format!("a TLS record of {len} bytes")));
+            }
+            let end = raw + HEADER_BYTES + len;
+            if end > buf.len() {
+                break;
+            }
+            let nonce = self.key.next_nonce()?;
+            let opened = self
+                .key
+                .key
+                .open_within(
+                    nonce,
+                    aead::Aad::from(head),
+                    &mut buf[plain..end],
+                    raw + HEADER_BYTES - plain..,
+                )
+                .map_err(|_| invalid("a TLS record failed authentication"))?;
+            // The inner content type is the last byte that is not padding.
+            let inner = opened
+                .iter()
+                .rposition(|&b| b != 0)
+                .ok_or_else(|| invalid("a TLS record with no content type"))?;
+            match opened[inner] {
+                CONTENT_APPLICATION_DATA => plain += inner,
+                CONTENT_ALERT if opened[..inner] == ALERT_CLOSE_NOTIFY => self.closed = true,
+                CONTENT_ALERT => return Err(invalid(alert_text(&opened[..inner]))),
+                CONTENT_HANDSHAKE => self.key_update(&opened[..inner])?,
+                other => return Err(invalid(format!("a TLS record of content type {other}"))),
+            }
+            raw = end;
+        }
+        self.gap = raw - plain;
+        Ok(plain)
+    }
+
+    /// A post-handshake message: only KeyUpdate (§4.6.3) is expected.
+    fn key_update(&mut self, message: &[u8]) -> io::Result<()> {
+        let request = match message {
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => *request,
+            [kind, ..] => {
+                return Err(invalid(format!(
+                    "an unexpected TLS handshake message (type {kind}) after the handshake"
+                )));
+            }
+            [] => return Err(invalid("an empty TLS handshake record")),
+        };
+        let next = self
+            .shared
+            .rekey
+            .lock()
+            .expect("poisoned")
+            .next_rx()
+            .map_err(|e| invalid(format!("TLS KeyUpdate: {e}")))?;
+        self.key = RecordKey::new(next)?;
+        if request == 1 {
+            self.shared.update_requested.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
+    /// Plaintext through a buffer of its own, for callers that are not a
+    /// frame decoder (tests, tools). The daemon reads with `read_into`.
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.own_start < this.own_end {
+                let n = out.remaining().min(this.own_end - this.own_start);
+                out.put_slice(&this.own[this.own_start..this.own_start + n]);
+                this.own_start += n;
+                return Poll::Ready(Ok(()));
+            }
+            let early = !this.early_plain.is_empty() || !this.early_raw.is_empty();
+            if (this.closed && !early) || out.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Everything handed out: move the held tail to the front.
+            this.own.copy_within(this.own_end..this.own_raw_end, 0);
+            this.own_raw_end -= this.own_end;
+            (this.own_start, this.own_end) = (0, 0);
+            let early = std::mem::take(&mut this.early_plain);
+            let early_raw = std::mem::take(&mut this.early_raw);
+            let want = this.own_raw_end + early.len() + early_raw.len() + READ_BYTES + WIRE_MAX;
+            if this.own.len() < want {
+                this.own.resize(want, 0);
+            }
+            if !early.is_empty() || !early_raw.is_empty() {
+                this.own[..early.len()].copy_from_slice(&early);
+                this.own_end = early.len();
+                this.own_raw_end = early.len() + early_raw.len();
+                this.own[this.own_end..this.own_raw_end].copy_from_slice(&early_raw);
+            } else {
+                let mut read = ReadBuf::new(&mut this.own[this.own_raw_end..]);
+                ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+                let n = read.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection without a TLS close_notify",
+                    )));
+                }
+                this.own_raw_end += n;
+            }
+            let mut own = std::mem::take(&mut this.own);
+            let opened = this.open(&mut own[..this.own_raw_end], this.own_end);
+            this.own = own;
+            this.own_end = opened?;
+        }
+    }
+}
+
+/// The sending half: an `AsyncWrite` that buffers sealed records.
+pub struct RecordWriter<W> {
+    io: W,
+    key: RecordKey,
+    shared: Arc<Shared>,
+    /// Sealed records and the open one; `sent` of them written out.
+    out: Vec<u8>,
+    sent: usize,
+    /// Where the record being filled starts (its header).
+    open: Option<usize>,
+    close_notify_sent: bool,
+    /// Records sealed under one key before a KeyUpdate.
+    rekey_at: u64,
+}
+
+impl<W: AsyncWrite + Unpin> RecordWriter<W> {
+    pub(crate) fn new(io: W, key: RecordKey, shared: Arc<Shared>) -> RecordWriter<W> {
+        RecordWriter {
+            io,
+            key,
+            out: Vec::with_capacity(OUT_BYTES + 2 * WIRE_MAX),
+            sent: 0,
+            open: None,
+            close_notify_sent: false,
+            rekey_at: shared.limit.saturating_sub(KEY_UPDATE_MARGIN),
+            shared,
+        }
+    }
+
+    /// Replaces the key every `records` records (tests: the real limit is 2^24).
+    #[cfg(test)]
+    fn rekey_every(&mut self, records: u64) {
+        self.rekey_at = records;
+    }
+
+    /// Copies what fits of `plain` into records (sealing each that fills);
+    /// returns how much.
+    fn push(&mut self, mut plain: &[u8]) -> io::Result<usize> {
+        let mut taken = 0;
+        while !plain.is_empty() && self.out.len() < OUT_BYTES {
+            let start = match self.open {
+                Some(start) => start,
+                None => self.begin()?,
+            };
+            let room = PLAINTEXT_MAX - (self.out.len() - start - HEADER_BYTES);
+            let take = room.min(plain.len());
+            self.out.extend_from_slice(&plain[..take]);
+            plain = &plain[take..];
+            taken += take;
+            if take == room {
+                self.seal(CONTENT_APPLICATION_DATA)?;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Opens a record, first replacing the key if its time has come.
+    fn begin(&mut self) -> io::Result<usize> {
+        let due = self.key.seq >= self.rekey_at;
+        if due || self.shared.update_requested.swap(false, Ordering::AcqRel) {
+            // KeyUpdate, update_not_requested (§4.6.3), under the old key.
+            self.open = Some(self.out.len());
+            self.out.extend_from_slice(&[0; HEADER_BYTES]);
+            self.out
+                .extend_from_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0]);
+            self.seal(CONTENT_HANDSHAKE)?;
+            let next = self
+                .shared
+                .rekey
+                .lock()
+                .expect("poisoned")
+                .next_tx()
+                .map_err(|e| invalid(format!("TLS KeyUpdate: {e}")))?;
+            self.key = RecordKey::new(next)?;
+        }
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0; HEADER_BYTES]);
+        self.open = Some(start);
+        Ok(start)
+    }
+
+    /// Ends the open record: inner content type, header, tag.
+    fn seal(&mut self, content_type: u8) -> io::Result<()> {
+        let Some(start) = self.open.take() else {
+            return Ok(());
+        };
+        self.out.push(content_type);
+        let body = start + HEADER_BYTES;
+        let head = header(self.out.len() - body + TAG_BYTES);
+        self.out[start..body].copy_from_slice(&head);
+        let nonce = self.key.next_nonce()?;
+        let tag = self
+            .key
+            .key
+            .seal_in_place_separate_tag(nonce, aead::Aad::from(head), &mut self.out[body..])
+            .map_err(|_| invalid("sealing a TLS record failed"))?;
+        self.out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Writes out every sealed record.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let sealed = self.open.unwrap_or(self.out.len());
+        while self.sent < sealed {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..sealed]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.out.drain(..self.sent);
+        if let Some(open) = &mut self.open {
+            *open -= self.sent;
+        }
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.out.len() >= OUT_BYTES {
+            ready!(this.poll_send(cx))?;
+        }
+        Poll::Ready(this.push(data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.seal(CONTENT_APPLICATION_DATA)?;
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.seal(CONTENT_APPLICATION_DATA)?;
+        if !this.close_notify_sent {
+            this.close_notify_sent = true;
+            this.open = Some(this.out.len());
+            this.out.extend_from_slice(&[0; HEADER_BYTES]);
+            this.out.extend_from_slice(&ALERT_CLOSE_NOTIFY);
+            this.seal(CONTENT_ALERT)?;
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::HostKey;
+    use crate::tls::{self, AllowList};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    struct Pair {
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    }
+
+    fn pair() -> Pair {
+        let (s, c) = (HostKey::generate().unwrap(), HostKey::generate().unwrap());
+        Pair {
+            server: tls::server_config(&s, Arc::new(AllowList::new([c.public()]))).unwrap(),
+            client: tls::client_config(&c, Arc::new(AllowList::new([s.public()]))).unwrap(),
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Our sending half, replacing its key every few records, to a plain rustls
+    /// client (tokio-rustls), which follows each KeyUpdate; then rustls's own
+    /// KeyUpdates to our receiving half.
+    #[tokio::test]
+    async fn key_updates_both_ways_against_rustls() {
+        let pair = pair();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = data(3 << 20);
+        let server = {
+            let (config, sent) = (pair.server.clone(), sent.clone());
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (stream, _) = tls::accept(&config, tcp, TIMEOUT).await.unwrap();
+                let (mut reader, mut writer) = stream.into_split();
+                writer.rekey_every(5);
+                for piece in sent.chunks(100_000) {
+                    writer.write_all(piece).await.unwrap();
+                }
+                writer.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                reader.read_to_end(&mut got).await.unwrap();
+                (got, writer.key.seq)
+            })
+        };
+        let connector = tokio_rustls::TlsConnector::from(pair.client.clone());
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+        let mut client = connector.connect(name, tcp).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got == sent, "rustls read what our writer sent");
+        for piece in sent.chunks(300_000) {
+            client.write_all(piece).await.unwrap();
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        client.shutdown().await.unwrap();
+        let (back, seq) = server.await.unwrap();
+        assert!(back == sent, "our reader followed rustls's KeyUpdates");
+        // Every 5 records a new key: the last one has sealed at most 5.
+        assert!(seq <= 5, "{seq}");
+    }
+
+    /// A byte changed on the wire after the handshake: the record fails
+    /// authentication and the reader says so; nothing after it is read.
+    #[tokio::test]
+    async fn a_tampered_record_is_refused() {
+        let pair = pair();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        // client -> proxy -> server, flipping one byte 40 KiB into the
+        // client's stream (well past its handshake flight).
+        tokio::spawn(async move {
+            let (mut from, _) = proxy.accept().await.unwrap();
+            let mut to = TcpStream::connect(addr).await.unwrap();
+            let (mut from_r, mut from_w) = from.split();
+            let (mut to_r, mut to_w) = to.split();
+            let up = async {
+                let mut seen = 0usize;
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let n = from_r.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    let flip = 40 << 10;
+                    if seen <= flip && flip < seen + n {
+                        buf[flip - seen] ^= 0x20;
+                    }
+                    seen += n;
+                    if to_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = to_w.shutdown().await;
+            };
+            let down = async {
+                let _ = tokio::io::copy(&mut to_r, &mut from_w).await;
+            };
+            tokio::join!(up, down);
+        });
+        let server = tokio::spawn({
+            let config = pair.server.clone();
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (mut stream, _) = tls::accept(&config, tcp, TIMEOUT).await.unwrap();
+                let mut got = Vec::new();
+                let err = stream.read_to_end(&mut got).await.unwrap_err();
+                (err.to_string(), got.len())
+            }
+        });
+        let tcp = TcpStream::connect(proxy_addr).await.unwrap();
+        let (mut client, _) = tls::connect(&pair.client, tcp, TIMEOUT).await.unwrap();
+        let _ = client.write_all(&data(1 << 20)).await;
+        let _ = client.shutdown().await;
+        let (err, read) = server.await.unwrap();
+        assert!(err.contains("failed authentication"), "{err}");
+        assert!(
+            read < 40 << 10,
+            "read {read} bytes, past the damaged record"
+        );
+    }
+
+    /// What `read_into` puts in a decoder is the byte stream sent, whatever
+    /// the read sizes, with partial records held at the buffer's end across
+    /// batches handed out (`take_consumed`), as the daemon's reader does.
+    #[tokio::test]
+    async fn read_into_a_decoder_gives_the_stream_across_batches() {
+        use substrate::wire::{Frame, Limits, RequestId, encode};
+        let pair = pair();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload = data(3 << 20);
+        let mut frames = Vec::new();
+        let mut expected = Vec::new();
+        for (i, chunk) in payload.chunks(9_000).enumerate() {
+            let frame = Frame::Data {
+                request: RequestId(7),
+                chunk_index: i as u64,
+                payload: chunk,
+            };
+            encode(&frame, &Limits::DEFAULT, &mut frames).unwrap();
+            expected.push(chunk.to_vec());
+        }
+        let server = tokio::spawn({
+            let config = pair.server.clone();
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (stream, _) = tls::accept(&config, tcp, TIMEOUT).await.unwrap();
+                let (mut reader, _writer) = stream.into_split();
+                let mut decoder = Decoder::new(Limits::DEFAULT);
+                let mut got = Vec::new();
+                let mut reads = 0usize;
+                // Odd read sizes; a batch handed out every few reads.
+                while reader
+                    .read_into(&mut decoder, true, 1000 + reads * 4099 % 70_000)
+                    .await
+                    .unwrap()
+                {
+                    while let Some((_, frame)) = decoder.poll_frame_at().unwrap() {
+                        let Frame::Data { payload, .. } = frame else {
+                            panic!("a Data frame")
+                        };
+                        got.push(payload.to_vec());
+                    }
+                    reads += 1;
+                    if reads.is_multiple_of(3) {
+                        let _ = decoder.take_consumed(Vec::new());
+                    }
+                }
+                (got, decoder.buffered_bytes())
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, _) = tls::connect(&pair.client, tcp, TIMEOUT).await.unwrap();
+        for piece in frames.chunks(33_333) {
+            client.write_all(piece).await.unwrap();
+            client.flush().await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        let (got, left) = server.await.unwrap();
+        assert_eq!(left, 0);
+        assert!(got == expected, "every payload, in order");
+    }
+}
