@@ -2,10 +2,10 @@
 //! daemon drives rustls (issue 3: "rustls's unbuffered API driven by your own
 //! IO loop, or tokio-rustls with its one extra copy — choose by measurement").
 //!
-//! One stream of `Data`-like frames (a 24-byte header, then a 2–14 KiB payload
-//! from a 64 MiB buffer, like a chunk from a mapped sealed file) goes from a
-//! TLS server thread to a TLS client thread over loopback, with the daemon's
-//! own rustls configs (host keys, mutual auth, TLS 1.3, AES-128-GCM). Each
+//! One stream of `Data` frames (the wire's 24-byte header, then a 2–14 KiB
+//! payload from a 64 MiB buffer, like a chunk from a mapped sealed file) goes
+//! from a TLS server thread to a TLS client thread over loopback, with the
+//! daemon's own rustls configs (host keys, mutual auth, TLS 1.3, AES-128-GCM). Each
 //! side counts its thread's CPU time from the end of the handshake; the wall
 //! time is the receiver's, to the close_notify. Contenders, alternated within
 //! each round after one warm-up round:
@@ -21,16 +21,17 @@
 //!   there; its `ReadTraffic` hands out records that rustls 0.23 still
 //!   decrypts into an owned `Vec` each (the source marks in-place decryption
 //!   as a TODO), copied from there into the batch.
-//! - `record layer`: rustls does the handshake (unbuffered API) and hands over
-//!   the traffic secrets (`dangerous_into_kernel_connection`, the kernel-TLS
-//!   entry point); the records are then sealed and opened here with *ring*,
-//!   as a kTLS socket would do it in the kernel. The sender builds each
-//!   record's plaintext straight from the frames (one copy, then encryption
-//!   in place); the receiver reads the socket straight into the batch and
-//!   decrypts each record where it lies, shifted over the record framing
-//!   (`open_within`: decryption and the move are one pass), so the plaintext
-//!   is never copied. This is the bound on what owning the record layer
-//!   could save; the daemon does not ship it.
+//! - `buffered_big_reads`: `buffered` over a 256 KiB read buffer under
+//!   rustls (which asks the socket for at most one record at a time).
+//! - `record_layer`: the daemon's own path (`agent::tls`, `agent::record`):
+//!   rustls does the handshake and hands over the traffic secrets
+//!   (`dangerous_into_kernel_connection`, the kernel-TLS entry point); the
+//!   sender copies frames once into each record and seals it in place, the
+//!   receiver reads the socket straight into a frame decoder's buffer and
+//!   opens each record where it lies (`open_within`: decryption and the move
+//!   over the record framing are one pass), decodes the frames and hands the
+//!   buffer over as a batch, as the daemon's reader does. On a
+//!   current-thread tokio runtime per thread.
 //!
 //! Figures: each contender's rate per CPU-second of both threads together
 //! (`*_gb_per_cpu_s`) and the CPU ratios against `buffered` (bigger is
@@ -45,37 +46,33 @@ use agent::identity::HostKey;
 use agent::tls::{self, AllowList};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
-use ring::aead;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
-use rustls::{ClientConfig, ConnectionTrafficSecrets, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
+use substrate::wire::{self, Decoder, Limits, RequestId};
 
 use crate::harness::{self, CommonArgs, Report, ResultRow, size_label};
 
-/// Bytes of the stand-in for a `Data` frame's header.
-const FRAME_HEADER_BYTES: usize = 24;
+/// A `Data` frame's header.
+const FRAME_HEADER_BYTES: usize = wire::DATA_HEADER_BYTES;
+/// The record layer's handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Payload sizes, uniform between these: 8 KiB on average, like chunks.
 const PAYLOAD_MIN: usize = 2 << 10;
 const PAYLOAD_MAX: usize = 14 << 10;
 /// The sender's payloads come from this much generated data, cycled.
 const SOURCE_BYTES: usize = 64 << 20;
-/// The daemon's `BufWriter` in front of the TLS stream.
+/// What the daemon buffered in front of rustls (a `BufWriter`) before it
+/// owned its records: the rustls contenders' write buffer.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
 /// The daemon's limit on one read (`conn::READ_BYTES`).
 const READ_BYTES: usize = 256 << 10;
 /// The daemon's receive batch.
 const BATCH_BYTES: usize = 1 << 20;
-/// TLS 1.3 record sizes (RFC 8446 §5.1–5.2).
-const RECORD_HEADER_BYTES: usize = 5;
-const RECORD_PLAINTEXT_MAX: usize = 1 << 14;
-const RECORD_CIPHERTEXT_MAX: usize = RECORD_PLAINTEXT_MAX + 256;
-const TAG_BYTES: usize = 16;
-const CONTENT_APPLICATION_DATA: u8 = 23;
-const CONTENT_ALERT: u8 = 21;
 /// Room for one whole record on the wire.
-const RECORD_WIRE_MAX: usize = RECORD_HEADER_BYTES + RECORD_CIPHERTEXT_MAX;
+const RECORD_WIRE_MAX: usize = agent::record::WIRE_MAX;
 
 #[derive(Args, Debug)]
 pub struct TlsArgs {
@@ -113,10 +110,10 @@ impl Path {
 
     fn label(self) -> &'static str {
         match self {
-            Path::Buffered => "rustls buffered (tokio-rustls's path, the daemon's)",
+            Path::Buffered => "rustls buffered (what tokio-rustls drives)",
             Path::BufferedBigReads => "rustls buffered over a 256 KiB read buffer",
             Path::Unbuffered => "rustls unbuffered API",
-            Path::RecordLayer => "own record layer over rustls's secrets",
+            Path::RecordLayer => "the daemon's: records opened in place (agent::record)",
         }
     }
 }
@@ -252,37 +249,39 @@ fn source_data() -> Vec<u8> {
     data
 }
 
-/// Calls `emit(header, payload)` for each frame of a `total`-byte stream: the
-/// same frames for every contender. The last one is cut to end at `total`.
-fn for_each_frame(
-    source: &[u8],
-    total: u64,
-    mut emit: impl FnMut(&[u8], &[u8]) -> Result<()>,
-) -> Result<()> {
+/// The frames of a `total`-byte stream, the same for every contender: real
+/// `Data` frames (`wire::data_header` and a payload), the last one sized to end
+/// exactly at `total`.
+fn frames(source: &[u8], total: u64) -> impl Iterator<Item = ([u8; FRAME_HEADER_BYTES], &[u8])> {
     let mut sent = 0u64;
     let mut at = 0usize;
     let mut draw = 0x2545_f491_4f6c_dd1du64;
     let mut index = 0u64;
-    while sent < total {
+    std::iter::from_fn(move || {
+        let left = total - sent;
+        if left == 0 {
+            return None;
+        }
         draw = draw
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let len = PAYLOAD_MIN + (draw >> 33) as usize % (PAYLOAD_MAX - PAYLOAD_MIN + 1);
+        let mut len = PAYLOAD_MIN + (draw >> 33) as usize % (PAYLOAD_MAX - PAYLOAD_MIN + 1);
+        // What would be left after this frame could not hold another one
+        // (a header and a byte): this frame takes it.
+        if left < (FRAME_HEADER_BYTES + len + FRAME_HEADER_BYTES + 1) as u64 {
+            len = (left as usize).saturating_sub(FRAME_HEADER_BYTES);
+        }
         if at + len > source.len() {
             at = 0;
         }
-        let mut header = [0u8; FRAME_HEADER_BYTES];
-        header[..8].copy_from_slice(&index.to_le_bytes());
-        header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-        let left = total - sent;
-        let header_len = (FRAME_HEADER_BYTES as u64).min(left) as usize;
-        let payload_len = (len as u64).min(left - header_len as u64) as usize;
-        emit(&header[..header_len], &source[at..at + payload_len])?;
-        sent += (header_len + payload_len) as u64;
+        let header = wire::data_header(RequestId(1), index, len, &Limits::DEFAULT)
+            .expect("payloads are far below the frame limit");
+        let payload = &source[at..at + len];
+        sent += (FRAME_HEADER_BYTES + len) as u64;
         at += len;
         index += 1;
-    }
-    Ok(())
+        Some((header, payload))
+    })
 }
 
 /// CPU time this thread has run, user and system (`/proc/thread-self/schedstat`).
@@ -375,13 +374,10 @@ fn run_once(
                 Path::Buffered | Path::BufferedBigReads => {
                     send_buffered(server, tcp, source, total)
                 }
-                Path::Unbuffered | Path::RecordLayer => send_unbuffered(
-                    UnbufferedServerConnection::new(server)?,
-                    tcp,
-                    source,
-                    total,
-                    send == Path::RecordLayer,
-                ),
+                Path::Unbuffered => {
+                    send_unbuffered(UnbufferedServerConnection::new(server)?, tcp, source, total)
+                }
+                Path::RecordLayer => send_records(server, tcp, source, total),
             }
         });
         let receiver = scope.spawn(|| -> Result<(f64, f64, Sink)> {
@@ -392,12 +388,12 @@ fn run_once(
             let (wall, cpu) = match receive {
                 Path::Buffered => receive_buffered(client, tcp, &mut sink)?,
                 Path::BufferedBigReads => receive_buffered(client, BigReads::new(tcp)?, &mut sink)?,
-                Path::Unbuffered | Path::RecordLayer => receive_unbuffered(
+                Path::Unbuffered => receive_unbuffered(
                     UnbufferedClientConnection::new(client, server_name())?,
                     tcp,
                     &mut sink,
-                    receive == Path::RecordLayer,
                 )?,
+                Path::RecordLayer => receive_records(client, tcp, &mut sink)?,
             };
             Ok((wall, cpu, sink))
         });
@@ -448,11 +444,10 @@ fn send_buffered(
     let cpu = thread_cpu_seconds()?;
     {
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &mut tls);
-        for_each_frame(source, total, |header, payload| {
-            out.write_all(header)?;
+        for (header, payload) in frames(source, total) {
+            out.write_all(&header)?;
             out.write_all(payload)?;
-            Ok(())
-        })?;
+        }
         out.flush()?;
     }
     tls.conn.send_close_notify();
@@ -532,7 +527,6 @@ trait Unbuffered {
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    fn into_secrets(self) -> Result<rustls::ExtractedSecrets>;
 }
 
 impl Unbuffered for UnbufferedServerConnection {
@@ -543,9 +537,6 @@ impl Unbuffered for UnbufferedServerConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
-    fn into_secrets(self) -> Result<rustls::ExtractedSecrets> {
-        Ok(self.dangerous_into_kernel_connection()?.0)
-    }
 }
 
 impl Unbuffered for UnbufferedClientConnection {
@@ -555,9 +546,6 @@ impl Unbuffered for UnbufferedClientConnection {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
-    }
-    fn into_secrets(self) -> Result<rustls::ExtractedSecrets> {
-        Ok(self.dangerous_into_kernel_connection()?.0)
     }
 }
 
@@ -643,17 +631,13 @@ fn send_unbuffered<C: Unbuffered>(
     tcp: TcpStream,
     source: &[u8],
     total: u64,
-    record_layer: bool,
 ) -> Result<f64> {
     let mut io = Io::new(tcp);
     handshake(&mut conn, &mut io)?;
-    if record_layer {
-        return send_records(conn.into_secrets()?.tx, io.tcp, source, total);
-    }
     let cpu = thread_cpu_seconds()?;
     let mut staging = Vec::with_capacity(WRITE_BUFFER_BYTES);
-    for_each_frame(source, total, |header, payload| {
-        for mut part in [header, payload] {
+    for (header, payload) in frames(source, total) {
+        for mut part in [&header[..], payload] {
             while !part.is_empty() {
                 let take = (WRITE_BUFFER_BYTES - staging.len()).min(part.len());
                 staging.extend_from_slice(&part[..take]);
@@ -664,8 +648,7 @@ fn send_unbuffered<C: Unbuffered>(
                 }
             }
         }
-        Ok(())
-    })?;
+    }
     write_traffic(&mut conn, &mut io, Some(&staging))?;
     write_traffic(&mut conn, &mut io, None)?;
     let cpu = thread_cpu_seconds()? - cpu;
@@ -719,13 +702,9 @@ fn receive_unbuffered<C: Unbuffered>(
     mut conn: C,
     tcp: TcpStream,
     sink: &mut Sink,
-    record_layer: bool,
 ) -> Result<(f64, f64)> {
     let mut io = Io::new(tcp);
     handshake(&mut conn, &mut io)?;
-    if record_layer {
-        return receive_records(conn.into_secrets()?.rx, io, sink);
-    }
     let (started, cpu) = (Instant::now(), thread_cpu_seconds()?);
     let mut batch = Batch::new();
     loop {
@@ -777,233 +756,81 @@ fn receive_unbuffered<C: Unbuffered>(
 
 // ------------------------------------------------------------ record layer
 
-/// One direction's AEAD key, static IV and record sequence number
-/// (RFC 8446 §5.3: the nonce is the IV xor the sequence number).
-struct RecordKey {
-    key: aead::LessSafeKey,
-    iv: [u8; aead::NONCE_LEN],
-    seq: u64,
-}
-
-impl RecordKey {
-    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<RecordKey> {
-        let (algorithm, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv)
-            }
-            _ => bail!("a cipher suite this record layer does not know"),
-        };
-        let key = aead::UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| anyhow!("a traffic key of the wrong length"))?;
-        Ok(RecordKey {
-            key: aead::LessSafeKey::new(key),
-            iv: iv
-                .as_ref()
-                .try_into()
-                .context("a traffic IV of the wrong length")?,
-            seq,
-        })
-    }
-
-    fn next_nonce(&mut self) -> aead::Nonce {
-        let mut nonce = self.iv;
-        for (n, s) in nonce[aead::NONCE_LEN - 8..]
-            .iter_mut()
-            .zip(self.seq.to_be_bytes())
-        {
-            *n ^= s;
-        }
-        self.seq += 1;
-        aead::Nonce::assume_unique_for_key(nonce)
-    }
-}
-
-/// A TLS 1.3 record header: always application data on the wire (§5.2).
-fn record_header(ciphertext_len: usize) -> [u8; RECORD_HEADER_BYTES] {
-    let [hi, lo] = (ciphertext_len as u16).to_be_bytes();
-    [CONTENT_APPLICATION_DATA, 3, 3, hi, lo]
-}
-
-/// Records built in place: each record's plaintext is copied once from the
-/// frames into `out`, behind room for its header, and encrypted there.
-struct RecordWriter {
-    key: RecordKey,
-    out: Vec<u8>,
-    len: usize,
-    /// Where the record being filled starts (its header).
-    open: Option<usize>,
-}
-
-impl RecordWriter {
-    fn push(&mut self, mut plain: &[u8], tcp: &mut TcpStream) -> Result<()> {
-        while !plain.is_empty() {
-            let start = *self.open.get_or_insert_with(|| {
-                self.len += RECORD_HEADER_BYTES;
-                self.len - RECORD_HEADER_BYTES
-            });
-            let room = RECORD_PLAINTEXT_MAX - (self.len - start - RECORD_HEADER_BYTES);
-            let take = room.min(plain.len());
-            self.out[self.len..self.len + take].copy_from_slice(&plain[..take]);
-            self.len += take;
-            plain = &plain[take..];
-            if take == room {
-                self.seal(CONTENT_APPLICATION_DATA)?;
-                if self.len >= WRITE_BUFFER_BYTES {
-                    self.flush(tcp)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends the open record: its inner content type, header and tag.
-    fn seal(&mut self, content_type: u8) -> Result<()> {
-        let Some(start) = self.open.take() else {
-            return Ok(());
-        };
-        self.out[self.len] = content_type;
-        self.len += 1;
-        let body = start + RECORD_HEADER_BYTES;
-        let header = record_header(self.len - body + TAG_BYTES);
-        self.out[start..body].copy_from_slice(&header);
-        let nonce = self.key.next_nonce();
-        let tag = self
-            .key
-            .key
-            .seal_in_place_separate_tag(
-                nonce,
-                aead::Aad::from(header),
-                &mut self.out[body..self.len],
-            )
-            .map_err(|_| anyhow!("sealing a record failed"))?;
-        self.out[self.len..self.len + TAG_BYTES].copy_from_slice(tag.as_ref());
-        self.len += TAG_BYTES;
-        Ok(())
-    }
-
-    fn flush(&mut self, tcp: &mut TcpStream) -> Result<()> {
-        tcp.write_all(&self.out[..self.len])?;
-        self.len = 0;
-        Ok(())
-    }
-
-    /// The last partial record, then a close_notify alert (warning, 0).
-    fn close(&mut self, tcp: &mut TcpStream) -> Result<()> {
-        self.seal(CONTENT_APPLICATION_DATA)?;
-        self.open = Some(self.len);
-        self.len += RECORD_HEADER_BYTES;
-        self.out[self.len..self.len + 2].copy_from_slice(&[1, 0]);
-        self.len += 2;
-        self.seal(CONTENT_ALERT)?;
-        self.flush(tcp)
-    }
+/// The daemon's own TLS layer (`agent::tls`, `agent::record`) on a
+/// current-thread runtime: the sender writes frames into its `RecordWriter`,
+/// the receiver reads records straight into a frame decoder, decodes the
+/// frames and hands the decoder's buffer over as a batch once it holds
+/// `BATCH_BYTES`, as the daemon's reader does.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn send_records(
-    tx: (u64, ConnectionTrafficSecrets),
-    mut tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
     source: &[u8],
     total: u64,
 ) -> Result<f64> {
-    let cpu = thread_cpu_seconds()?;
-    let mut records = RecordWriter {
-        key: RecordKey::new(tx)?,
-        out: vec![0; WRITE_BUFFER_BYTES + 2 * RECORD_WIRE_MAX],
-        len: 0,
-        open: None,
-    };
-    for_each_frame(source, total, |header, payload| {
-        records.push(header, &mut tcp)?;
-        records.push(payload, &mut tcp)
-    })?;
-    records.close(&mut tcp)?;
-    let cpu = thread_cpu_seconds()? - cpu;
-    finish_sending(&tcp)?;
-    Ok(cpu)
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.set_nonblocking(true)?;
+    runtime()?.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let (stream, _) = tls::accept(&config, tcp, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let (mut reader, mut writer) = stream.into_split();
+        let cpu = thread_cpu_seconds()?;
+        for (header, payload) in frames(source, total) {
+            writer.write_all(&header).await?;
+            writer.write_all(payload).await?;
+        }
+        writer.shutdown().await?;
+        let cpu = thread_cpu_seconds()? - cpu;
+        // The receiver closes when it has everything.
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest).await;
+        Ok(cpu)
+    })
 }
 
-/// Reads the socket straight into the batch and opens each record where it
-/// lies, its plaintext moved down over the framing of the records before it
-/// (`open_within`), so the batch fills with plaintext and nothing is copied
-/// but the partial record at a batch's end.
 fn receive_records(
-    rx: (u64, ConnectionTrafficSecrets),
-    io: Io,
+    config: Arc<ClientConfig>,
+    tcp: TcpStream,
     sink: &mut Sink,
 ) -> Result<(f64, f64)> {
-    let (started, cpu) = (Instant::now(), thread_cpu_seconds()?);
-    let mut key = RecordKey::new(rx)?;
-    let capacity = BATCH_BYTES + READ_BYTES + RECORD_WIRE_MAX;
-    let mut buf = vec![0u8; capacity];
-    // What arrived with the end of the handshake.
-    buf[..io.used].copy_from_slice(&io.incoming[..io.used]);
-    let (mut plain, mut raw_start, mut raw_end) = (0, 0, io.used);
-    let mut tcp = io.tcp;
-    loop {
-        let mut closed = false;
-        while raw_end - raw_start >= RECORD_HEADER_BYTES {
-            let header: [u8; RECORD_HEADER_BYTES] = buf[raw_start..raw_start + RECORD_HEADER_BYTES]
-                .try_into()
-                .expect("five bytes");
-            ensure!(
-                header[..3] == [CONTENT_APPLICATION_DATA, 3, 3],
-                "not a TLS 1.3 record header: {header:?}"
-            );
-            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            ensure!(
-                (TAG_BYTES + 1..=RECORD_CIPHERTEXT_MAX).contains(&len),
-                "a record of {len} bytes"
-            );
-            let end = raw_start + RECORD_HEADER_BYTES + len;
-            if end > raw_end {
-                break;
+    tcp.set_nonblocking(true)?;
+    runtime()?.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let (stream, _) = tls::connect(&config, tcp, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let (mut reader, writer) = stream.into_split();
+        let (started, cpu) = (Instant::now(), thread_cpu_seconds()?);
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        let mut spare = Vec::with_capacity(BATCH_BYTES + READ_BYTES);
+        while reader.read_into(&mut decoder, true, READ_BYTES).await? {
+            let mut consumed = 0;
+            while let Some((at, _)) = decoder.poll_frame_at()? {
+                consumed = at.end;
             }
-            let nonce = key.next_nonce();
-            let opened = key
-                .key
-                .open_within(
-                    nonce,
-                    aead::Aad::from(header),
-                    &mut buf[plain..end],
-                    raw_start + RECORD_HEADER_BYTES - plain..,
-                )
-                .map_err(|_| anyhow!("a record failed authentication"))?;
-            let inner = opened
-                .iter()
-                .rposition(|&b| b != 0)
-                .context("a record with no content type")?;
-            let content_type = opened[inner];
-            match content_type {
-                CONTENT_APPLICATION_DATA => plain += inner,
-                CONTENT_ALERT if opened[..inner] == [1, 0] => closed = true,
-                other => bail!(
-                    "a record of content type {other} ({:?})",
-                    &opened[..inner.min(8)]
-                ),
-            }
-            raw_start = end;
-            if closed {
-                break;
+            if consumed >= BATCH_BYTES {
+                let batch = decoder.take_consumed(std::mem::take(&mut spare));
+                sink.batch(&batch);
+                spare = batch;
             }
         }
-        if closed {
-            sink.batch(&buf[..plain]);
-            break;
-        }
-        if capacity - raw_end < READ_BYTES {
-            sink.batch(&buf[..plain]);
-            buf.copy_within(raw_start..raw_end, 0);
-            raw_end -= raw_start;
-            (plain, raw_start) = (0, 0);
-        }
-        let n = tcp.read(&mut buf[raw_end..raw_end + READ_BYTES])?;
-        ensure!(n > 0, "peer closed the connection without close_notify");
-        raw_end += n;
-    }
-    let measured = (started.elapsed().as_secs_f64(), thread_cpu_seconds()? - cpu);
-    Ok(measured)
+        let batch = decoder.take_consumed(Vec::new());
+        sink.batch(&batch);
+        ensure!(
+            decoder.buffered_bytes() == 0,
+            "{} bytes after the last frame",
+            decoder.buffered_bytes()
+        );
+        drop(writer);
+        Ok((started.elapsed().as_secs_f64(), thread_cpu_seconds()? - cpu))
+    })
 }
 
 #[cfg(test)]
@@ -1019,12 +846,10 @@ mod tests {
         let source = Arc::new(source_data());
         for total in [(3 << 20) + 7, 5 << 20] {
             let mut expected = blake3::Hasher::new();
-            for_each_frame(&source, total, |h, p| {
-                expected.update(h);
+            for (h, p) in frames(&source, total) {
+                expected.update(&h);
                 expected.update(p);
-                Ok(())
-            })
-            .unwrap();
+            }
             let expected = *expected.finalize().as_bytes();
             for send in Path::ALL {
                 for receive in Path::ALL {
@@ -1036,23 +861,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// The record layer's nonces: the IV xor the big-endian sequence number
-    /// in its last eight bytes, the sequence number counting up.
-    #[test]
-    fn nonces_follow_rfc_8446() {
-        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
-            key: rustls::crypto::cipher::AeadKey::from([7u8; 32]),
-            iv: rustls::crypto::cipher::Iv::from([0xf0; 12]),
-        };
-        let mut key = RecordKey::new((0x0102, secrets)).unwrap();
-        assert_eq!(
-            key.next_nonce().as_ref(),
-            &[
-                0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf0, 0xf1, 0xf2
-            ]
-        );
-        assert_eq!(key.next_nonce().as_ref()[11], 0xf3);
     }
 }
