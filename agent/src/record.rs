@@ -17,8 +17,8 @@
 //!   with `open_within`, which decrypts and moves the plaintext down over the
 //!   framing of the records before it in one pass. What is not yet a complete
 //!   record stays at the buffer's end as the decoder's transport tail
-//!   (`Decoder::set_transport_held`): the gap left by the framing, then the
-//!   partial record.
+//!   (`Decoder::set_transport_held`), moved down over the framing of the
+//!   records opened before it.
 //! - Sending ([`RecordWriter`], an `AsyncWrite` that buffers like the
 //!   `BufWriter` it replaces): bytes are copied once, straight into the open
 //!   record's plaintext, and each full record is sealed in place.
@@ -172,9 +172,6 @@ pub struct RecordReader<R> {
     io: R,
     key: RecordKey,
     shared: Arc<Shared>,
-    /// Bytes between the plaintext and the next record (the framing of the
-    /// records opened since), at the start of the held tail.
-    gap: usize,
     /// A close_notify was received.
     closed: bool,
     /// What arrived with the end of the handshake: plaintext rustls had
@@ -202,7 +199,6 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             io,
             key,
             shared,
-            gap: 0,
             closed,
             early_plain,
             early_raw,
@@ -251,17 +247,21 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 ));
             }
         }
-        let plain = self.open(buf, plain)?;
-        let held = buf.len() - plain;
-        decoder.set_transport_held(held);
+        let (plain, end) = self.open(buf, plain)?;
+        buf.truncate(end);
+        decoder.set_transport_held(end - plain);
         Ok(true)
     }
 
     /// Opens every complete record in `buf` after `plain` (where the
-    /// plaintext ends; the held tail follows it), moving each record's
-    /// plaintext to the end of the plaintext. Returns the new end.
-    fn open(&mut self, buf: &mut [u8], mut plain: usize) -> io::Result<usize> {
-        let mut raw = plain + self.gap;
+    /// plaintext ends; the partial record held from before follows it),
+    /// moving each record's plaintext to the end of the plaintext, then the
+    /// partial record left down behind it (less than one record: the framing
+    /// of the records opened must not pile up in the held tail, which every
+    /// batch handed over carries along). Returns where the plaintext ends and
+    /// where the bytes that matter end.
+    fn open(&mut self, buf: &mut [u8], mut plain: usize) -> io::Result<(usize, usize)> {
+        let mut raw = plain;
         while !self.closed && buf.len() - raw >= HEADER_BYTES {
             let head: [u8; HEADER_BYTES] =
                 buf[raw..raw + HEADER_BYTES].try_into().expect("five bytes");
@@ -301,8 +301,11 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             }
             raw = end;
         }
-        self.gap = raw - plain;
-        Ok(plain)
+        if self.closed {
+            return Ok((plain, plain));
+        }
+        buf.copy_within(raw.., plain);
+        Ok((plain, plain + buf.len() - raw))
     }
 
     /// A post-handshake message: only KeyUpdate (§4.6.3) is expected.
@@ -381,7 +384,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
             let mut own = std::mem::take(&mut this.own);
             let opened = this.open(&mut own[..this.own_raw_end], this.own_end);
             this.own = own;
-            this.own_end = opened?;
+            (this.own_end, this.own_raw_end) = opened?;
         }
     }
 }
@@ -718,6 +721,8 @@ mod tests {
                         got.push(payload.to_vec());
                     }
                     reads += 1;
+                    // Never more than the one record not yet complete.
+                    assert!(decoder.transport_held() < WIRE_MAX);
                     if reads.is_multiple_of(3) {
                         let _ = decoder.take_consumed(Vec::new());
                     }

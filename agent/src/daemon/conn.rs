@@ -51,6 +51,9 @@ use crate::tls::TlsStream;
 
 /// Bytes read from the socket at a time.
 const READ_BYTES: usize = 256 << 10;
+/// Bytes read at a time at least, however little room the intake's batch has
+/// left (`Intake::room`).
+const READ_BYTES_MIN: usize = 32 << 10;
 /// Messages queued for a writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
 
@@ -252,9 +255,13 @@ async fn read_frames(
         // Payloads of the batch being filled stay in the decoder's buffer
         // until it is handed over (see `intake`).
         let keep = intake.as_ref().is_some_and(Intake::holds_payloads);
+        // At most READ_BYTES a read (a kept buffer grows by doubling), and
+        // little more than the batch being filled has room for.
+        let max = intake
+            .as_ref()
+            .map_or(READ_BYTES, |i| i.room().clamp(READ_BYTES_MIN, READ_BYTES));
         tokio::select! {
-            // At most READ_BYTES a read: a kept buffer grows by doubling.
-            r = tokio::time::timeout(idle, read.read_into(decoder, keep, READ_BYTES)) => match r {
+            r = tokio::time::timeout(idle, read.read_into(decoder, keep, max)) => match r {
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
                     let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
