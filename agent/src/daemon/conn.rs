@@ -10,9 +10,10 @@
 //! Requests for us (`GetManifest*`, `Request`, `Cancel`) go to the writer;
 //! answers (`ManifestRoot`, `ManifestPage`, `NotFound`, `Have`, `Reject`)
 //! go to the tap's fetch as encoded frames. `Data` is the hot path: the
-//! payload is copied into the connection's `Intake` batch, verified against
-//! the manifest and written at its offset on the blocking pool while this
-//! reader decrypts the next frames; only verdicts travel to the fetch.
+//! payload stays where it was decrypted, in the decoder's buffer, which is
+//! handed to the connection's `Intake` as a batch, verified against the
+//! manifest and written at its offset on the blocking pool while this reader
+//! decrypts the next frames; only verdicts travel to the fetch.
 //!
 //! # Writer
 //! Owns the write half (`record::RecordWriter`, which buffers records like the
