@@ -63,6 +63,8 @@ const READ_BYTES: usize = 64 << 10;
 /// Records sealed under one key: a KeyUpdate goes out this many records
 /// before the suite's confidentiality limit.
 const KEY_UPDATE_MARGIN: u64 = 1 << 12;
+/// Records in a row without data (empty, KeyUpdate) a peer may send.
+const EMPTY_RECORDS_MAX: u32 = 32;
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
@@ -174,6 +176,8 @@ pub struct RecordReader<R> {
     shared: Arc<Shared>,
     /// A close_notify was received.
     closed: bool,
+    /// Records in a row that carried no data.
+    empty_run: u32,
     /// What arrived with the end of the handshake: plaintext rustls had
     /// already opened, then ciphertext. Taken by the first read.
     early_plain: Vec<u8>,
@@ -200,6 +204,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             key,
             shared,
             closed,
+            empty_run: 0,
             early_plain,
             early_raw,
             own: Vec::new(),
@@ -247,10 +252,19 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 ));
             }
         }
-        let (plain, end) = self.open(buf, plain)?;
-        buf.truncate(end);
-        decoder.set_transport_held(end - plain);
-        Ok(true)
+        match self.open(buf, plain) {
+            Ok((plain, end)) => {
+                buf.truncate(end);
+                decoder.set_transport_held(end - plain);
+                Ok(true)
+            }
+            Err(e) => {
+                // Nothing of this read reaches the decoder.
+                buf.truncate(plain);
+                decoder.set_transport_held(0);
+                Err(e)
+            }
+        }
     }
 
     /// Opens every complete record in `buf` after `plain` (where the
@@ -292,6 +306,19 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 .iter()
                 .rposition(|&b| b != 0)
                 .ok_or_else(|| invalid("a TLS record with no content type"))?;
+            if inner > PLAINTEXT_MAX {
+                return Err(invalid(format!("a TLS record of {inner} plaintext bytes")));
+            }
+            // Records that carry no data (empty ones, KeyUpdates) cost work
+            // for nothing: a run of them is cut short, as rustls does.
+            if inner == 0 || opened[inner] == CONTENT_HANDSHAKE {
+                self.empty_run += 1;
+                if self.empty_run > EMPTY_RECORDS_MAX {
+                    return Err(invalid("too many TLS records in a row without data"));
+                }
+            } else {
+                self.empty_run = 0;
+            }
             match opened[inner] {
                 CONTENT_APPLICATION_DATA => plain += inner,
                 CONTENT_ALERT if opened[..inner] == ALERT_CLOSE_NOTIFY => self.closed = true,
@@ -402,6 +429,9 @@ pub struct RecordWriter<W> {
     close_notify_sent: bool,
     /// Records sealed under one key before a KeyUpdate.
     rekey_at: u64,
+    /// Sealing or a key update failed: nothing more goes out (what is
+    /// buffered might not be what the peer can open).
+    failed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> RecordWriter<W> {
@@ -413,6 +443,7 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             sent: 0,
             open: None,
             close_notify_sent: false,
+            failed: false,
             rekey_at: shared.limit.saturating_sub(KEY_UPDATE_MARGIN),
             shared,
         }
@@ -422,6 +453,21 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
     #[cfg(test)]
     fn rekey_every(&mut self, records: u64) {
         self.rekey_at = records;
+    }
+
+    /// Marks the writer failed on an error, so nothing more is sent.
+    fn guard<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.failed {
+            return Err(invalid("the TLS writer failed earlier"));
+        }
+        Ok(())
     }
 
     /// Copies what fits of `plain` into records (sealing each that fills);
@@ -475,18 +521,32 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
         let Some(start) = self.open.take() else {
             return Ok(());
         };
+        let nonce = match self.key.next_nonce() {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                // The plaintext never leaves unsealed.
+                self.out.truncate(start);
+                return Err(e);
+            }
+        };
         self.out.push(content_type);
         let body = start + HEADER_BYTES;
         let head = header(self.out.len() - body + TAG_BYTES);
         self.out[start..body].copy_from_slice(&head);
-        let nonce = self.key.next_nonce()?;
-        let tag = self
-            .key
-            .key
-            .seal_in_place_separate_tag(nonce, aead::Aad::from(head), &mut self.out[body..])
-            .map_err(|_| invalid("sealing a TLS record failed"))?;
-        self.out.extend_from_slice(tag.as_ref());
-        Ok(())
+        match self.key.key.seal_in_place_separate_tag(
+            nonce,
+            aead::Aad::from(head),
+            &mut self.out[body..],
+        ) {
+            Ok(tag) => {
+                self.out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => {
+                self.out.truncate(start);
+                Err(invalid("sealing a TLS record failed"))
+            }
+        }
     }
 
     /// Writes out every sealed record.
@@ -515,31 +575,41 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.check()?;
+        if this.close_notify_sent {
+            return Poll::Ready(Err(invalid("write after the TLS close_notify")));
+        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
         if this.out.len() >= OUT_BYTES {
             ready!(this.poll_send(cx))?;
         }
-        Poll::Ready(this.push(data))
+        let pushed = this.push(data);
+        Poll::Ready(this.guard(pushed))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.seal(CONTENT_APPLICATION_DATA)?;
+        this.check()?;
+        let sealed = this.seal(CONTENT_APPLICATION_DATA);
+        this.guard(sealed)?;
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.seal(CONTENT_APPLICATION_DATA)?;
+        this.check()?;
         if !this.close_notify_sent {
+            let sealed = this.seal(CONTENT_APPLICATION_DATA).and_then(|()| {
+                this.open = Some(this.out.len());
+                this.out.extend_from_slice(&[0; HEADER_BYTES]);
+                this.out.extend_from_slice(&ALERT_CLOSE_NOTIFY);
+                this.seal(CONTENT_ALERT)
+            });
+            this.guard(sealed)?;
             this.close_notify_sent = true;
-            this.open = Some(this.out.len());
-            this.out.extend_from_slice(&[0; HEADER_BYTES]);
-            this.out.extend_from_slice(&ALERT_CLOSE_NOTIFY);
-            this.seal(CONTENT_ALERT)?;
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)

@@ -463,10 +463,15 @@ impl Unbuffered for UnbufferedClientConnection {
 const HANDSHAKE_BUFFER_MAX: usize = 128 << 10;
 
 /// Drives rustls through the handshake over `tcp`, checks ALPN and the peer's
-/// key, and hands the connection's secrets to the record layer. Records that
-/// arrived with the handshake's end go with them: plaintext rustls already
-/// opened (the peer may write as soon as its own handshake is done), then
-/// ciphertext.
+/// key, and hands the connection's secrets to the record layer, with the bytes
+/// that arrived after the handshake's last record.
+///
+/// rustls is given one complete record at a time and nothing once the
+/// handshake is done: within one call it would go on past the peer's Finished
+/// into what the record layer must see (a KeyUpdate there moves rustls's send
+/// key and parks the reply where the hand-over does not look; a handshake
+/// message split over records stays decrypted in its buffer). Plaintext it
+/// opened anyway (not expected) goes to the reader first.
 async fn handshake<C: Unbuffered>(
     mut conn: C,
     mut tcp: TcpStream,
@@ -483,13 +488,15 @@ async fn handshake<C: Unbuffered>(
     let mut out_used = 0;
     let mut early_plain = Vec::new();
     let mut peer_closed = false;
+    // What rustls has been given: the records in `incoming[..fed]`.
+    let mut fed = 0;
     loop {
-        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..fed]);
         let next = match state {
             Err(e) => {
                 let refusal = refusal_from_rustls(&e);
                 incoming.copy_within(discard..used, 0);
-                send_alert(&mut conn, &mut incoming[..used - discard], &mut tcp).await;
+                send_alert(&mut conn, &mut incoming[..fed - discard], &mut tcp).await;
                 return Err(refusal);
             }
             Ok(ConnectionState::EncodeTlsData(mut s)) => loop {
@@ -537,6 +544,7 @@ async fn handshake<C: Unbuffered>(
         };
         incoming.copy_within(discard..used, 0);
         used -= discard;
+        fed -= discard;
         if peer_closed && conn.is_handshaking() {
             return Err(Refusal::Tls(
                 "the peer closed the connection in the handshake".into(),
@@ -545,6 +553,10 @@ async fn handshake<C: Unbuffered>(
         match next {
             Next::Done if !conn.is_handshaking() => break,
             Next::Read | Next::Done => {
+                if let Some(len) = record_len(&incoming[fed..used]) {
+                    fed += len;
+                    continue;
+                }
                 if used == incoming.len() {
                     if incoming.len() >= HANDSHAKE_BUFFER_MAX {
                         return Err(Refusal::Tls("handshake messages too large".into()));
@@ -568,6 +580,11 @@ async fn handshake<C: Unbuffered>(
             }
             Next::Again => {}
         }
+    }
+    if fed != 0 {
+        return Err(Refusal::Tls(format!(
+            "{fed} bytes of the handshake's records were left unprocessed"
+        )));
     }
     if conn.alpn_protocol() != Some(ALPN) {
         return Err(Refusal::NoCommonAlpn);
@@ -603,6 +620,13 @@ async fn handshake<C: Unbuffered>(
         suite,
     };
     Ok((stream, key))
+}
+
+/// The length of the complete TLS record `buf` starts with, if it holds one.
+fn record_len(buf: &[u8]) -> Option<usize> {
+    let head = buf.get(..record::HEADER_BYTES)?;
+    let len = record::HEADER_BYTES + usize::from(u16::from_be_bytes([head[3], head[4]]));
+    (len <= buf.len()).then_some(len)
 }
 
 /// After a handshake error: sends the alert rustls queued, if any (best effort).

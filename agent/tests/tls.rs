@@ -737,3 +737,108 @@ fn garbage_host_key_is_refused() {
         "refusal replaced the key"
     );
 }
+
+/// A plain rustls client on a blocking socket whose last handshake flight goes
+/// out in one write with whatever `after_handshake` queues; then it reads to
+/// the server's close_notify.
+fn coalescing_client(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    after_handshake: impl FnOnce(&mut rustls::ClientConnection),
+) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let name = ServerName::try_from(tls::SERVER_NAME).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        conn.read_tls(&mut tcp).map_err(|e| e.to_string())?;
+        conn.process_new_packets().map_err(|e| e.to_string())?;
+    }
+    after_handshake(&mut conn);
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    tcp.write_all(&flight).unwrap();
+    let mut got = Vec::new();
+    loop {
+        if conn.read_tls(&mut tcp).map_err(|e| e.to_string())? == 0 {
+            break;
+        }
+        let state = conn.process_new_packets().map_err(|e| e.to_string())?;
+        let mut buf = vec![0; state.plaintext_bytes_to_read()];
+        conn.reader().read_exact(&mut buf).unwrap();
+        got.extend_from_slice(&buf);
+        if state.peer_has_closed() {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+/// Our server reads 5 bytes, answers `pong!` and closes; the client is
+/// [`coalescing_client`].
+async fn coalesced_exchange(
+    after_handshake: impl FnOnce(&mut rustls::ClientConnection) + Send + 'static,
+) -> (Result<Vec<u8>, String>, Result<Vec<u8>, String>) {
+    let hosts = Hosts::new();
+    let (server, client) = (hosts.server_config(), hosts.client_config());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (mut stream, _) = tls::accept(&server, tcp, TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = vec![0u8; 5];
+        stream
+            .read_exact(&mut got)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"pong!")
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(got)
+    });
+    let client_side =
+        tokio::task::spawn_blocking(move || coalescing_client(addr, client, after_handshake))
+            .await
+            .unwrap();
+    (server_side.await.unwrap(), client_side)
+}
+
+/// A KeyUpdate asking for ours, in the same write as the client's Finished:
+/// rustls must not process it during the handshake (it would move its send key
+/// and park the reply where the hand-over to the record layer does not look);
+/// the record layer follows it and answers before its next record.
+#[tokio::test]
+async fn key_update_in_the_clients_last_flight_is_followed_and_answered() {
+    let (server, client) = coalesced_exchange(|conn| {
+        conn.refresh_traffic_keys().unwrap();
+        conn.writer().write_all(b"hello").unwrap();
+    })
+    .await;
+    assert_eq!(server.unwrap(), b"hello");
+    assert_eq!(client.unwrap(), b"pong!");
+}
+
+/// Data and a close_notify in the same write as the client's Finished.
+#[tokio::test]
+async fn data_and_close_in_the_clients_last_flight_are_read() {
+    let (server, client) = coalesced_exchange(|conn| {
+        conn.writer().write_all(b"hello").unwrap();
+        conn.send_close_notify();
+    })
+    .await;
+    assert_eq!(server.unwrap(), b"hello");
+    assert_eq!(client.unwrap(), b"pong!");
+}
