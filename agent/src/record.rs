@@ -103,6 +103,17 @@ impl Shared {
             limit,
         })
     }
+
+    /// The next key of one direction (after a KeyUpdate sent or received).
+    fn next_key(&self, transmit: bool) -> io::Result<RecordKey> {
+        let mut rekey = self.rekey.lock().expect("poisoned");
+        let next = if transmit {
+            rekey.next_tx()
+        } else {
+            rekey.next_rx()
+        };
+        RecordKey::new(next.map_err(|e| invalid(format!("TLS KeyUpdate: {e}")))?)
+    }
 }
 
 /// One direction's AEAD key, static IV and record sequence number
@@ -346,14 +357,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             }
             [] => return Err(invalid("an empty TLS handshake record")),
         };
-        let next = self
-            .shared
-            .rekey
-            .lock()
-            .expect("poisoned")
-            .next_rx()
-            .map_err(|e| invalid(format!("TLS KeyUpdate: {e}")))?;
-        self.key = RecordKey::new(next)?;
+        self.key = self.shared.next_key(false)?;
         if request == 1 {
             self.shared.update_requested.store(true, Ordering::Release);
         }
@@ -501,14 +505,7 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             self.out
                 .extend_from_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0]);
             self.seal(CONTENT_HANDSHAKE)?;
-            let next = self
-                .shared
-                .rekey
-                .lock()
-                .expect("poisoned")
-                .next_tx()
-                .map_err(|e| invalid(format!("TLS KeyUpdate: {e}")))?;
-            self.key = RecordKey::new(next)?;
+            self.key = self.shared.next_key(true)?;
         }
         let start = self.out.len();
         self.out.extend_from_slice(&[0; HEADER_BYTES]);

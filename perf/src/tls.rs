@@ -589,6 +589,31 @@ fn tls_error(e: rustls::Error) -> anyhow::Error {
     anyhow!("TLS: {e}")
 }
 
+/// Handles the states that only move TLS bytes rustls made out (encode, then
+/// transmit): `None` when it did, the state itself when it is the caller's.
+fn move_handshake_bytes<'c, 'i, D>(
+    state: Result<ConnectionState<'c, 'i, D>, rustls::Error>,
+    tcp: &mut TcpStream,
+    outgoing: &mut [u8],
+    out_used: &mut usize,
+) -> Result<Option<ConnectionState<'c, 'i, D>>> {
+    match state.map_err(tls_error)? {
+        ConnectionState::EncodeTlsData(mut s) => {
+            *out_used += s
+                .encode(&mut outgoing[*out_used..])
+                .map_err(|e| anyhow!("TLS encode: {e:?}"))?;
+            Ok(None)
+        }
+        ConnectionState::TransmitTlsData(s) => {
+            tcp.write_all(&outgoing[..*out_used])?;
+            *out_used = 0;
+            s.done();
+            Ok(None)
+        }
+        other => Ok(Some(other)),
+    }
+}
+
 /// Drives the handshake until application data may be written.
 fn handshake<C: Unbuffered>(conn: &mut C, io: &mut Io) -> Result<()> {
     loop {
@@ -600,22 +625,11 @@ fn handshake<C: Unbuffered>(conn: &mut C, io: &mut Io) -> Result<()> {
             out_used,
         } = io;
         let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..*used]);
-        let ready = match state.map_err(tls_error)? {
-            ConnectionState::EncodeTlsData(mut s) => {
-                *out_used += s
-                    .encode(&mut outgoing[*out_used..])
-                    .map_err(|e| anyhow!("TLS encode: {e:?}"))?;
-                None
-            }
-            ConnectionState::TransmitTlsData(s) => {
-                tcp.write_all(&outgoing[..*out_used])?;
-                *out_used = 0;
-                s.done();
-                None
-            }
-            ConnectionState::BlockedHandshake => Some(false),
-            ConnectionState::WriteTraffic(_) => Some(true),
-            other => bail!("unexpected TLS state during the handshake: {other:?}"),
+        let ready = match move_handshake_bytes(state, tcp, outgoing, out_used)? {
+            None => None,
+            Some(ConnectionState::BlockedHandshake) => Some(false),
+            Some(ConnectionState::WriteTraffic(_)) => Some(true),
+            Some(other) => bail!("unexpected TLS state during the handshake: {other:?}"),
         };
         io.discard(discard);
         match ready {
@@ -667,8 +681,9 @@ fn write_traffic<C: Unbuffered>(conn: &mut C, io: &mut Io, plain: Option<&[u8]>)
             out_used,
         } = io;
         let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..*used]);
-        let written = match state.map_err(tls_error)? {
-            ConnectionState::WriteTraffic(mut w) => {
+        let written = match move_handshake_bytes(state, tcp, outgoing, out_used)? {
+            None => false,
+            Some(ConnectionState::WriteTraffic(mut w)) => {
                 let n = match plain {
                     Some(plain) => w.encrypt(plain, outgoing),
                     None => w.queue_close_notify(outgoing),
@@ -677,19 +692,7 @@ fn write_traffic<C: Unbuffered>(conn: &mut C, io: &mut Io, plain: Option<&[u8]>)
                 tcp.write_all(&outgoing[..n])?;
                 true
             }
-            ConnectionState::EncodeTlsData(mut s) => {
-                *out_used += s
-                    .encode(&mut outgoing[*out_used..])
-                    .map_err(|e| anyhow!("TLS encode: {e:?}"))?;
-                false
-            }
-            ConnectionState::TransmitTlsData(s) => {
-                tcp.write_all(&outgoing[..*out_used])?;
-                *out_used = 0;
-                s.done();
-                false
-            }
-            other => bail!("unexpected TLS state while sending: {other:?}"),
+            Some(other) => bail!("unexpected TLS state while sending: {other:?}"),
         };
         io.discard(discard);
         if written {
@@ -716,8 +719,9 @@ fn receive_unbuffered<C: Unbuffered>(
             out_used,
         } = &mut io;
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..*used]);
-        let next = match state.map_err(tls_error)? {
-            ConnectionState::ReadTraffic(mut r) => {
+        let next = match move_handshake_bytes(state, tcp, outgoing, out_used)? {
+            None => Some(false),
+            Some(ConnectionState::ReadTraffic(mut r)) => {
                 while let Some(record) = r.next_record() {
                     let record = record.map_err(tls_error)?;
                     discard += record.discard;
@@ -726,21 +730,9 @@ fn receive_unbuffered<C: Unbuffered>(
                 Some(false)
             }
             // Every record that arrived is processed: read more.
-            ConnectionState::WriteTraffic(_) => Some(true),
-            ConnectionState::EncodeTlsData(mut s) => {
-                *out_used += s
-                    .encode(&mut outgoing[*out_used..])
-                    .map_err(|e| anyhow!("TLS encode: {e:?}"))?;
-                Some(false)
-            }
-            ConnectionState::TransmitTlsData(s) => {
-                tcp.write_all(&outgoing[..*out_used])?;
-                *out_used = 0;
-                s.done();
-                Some(false)
-            }
-            ConnectionState::PeerClosed | ConnectionState::Closed => None,
-            other => bail!("unexpected TLS state while receiving: {other:?}"),
+            Some(ConnectionState::WriteTraffic(_)) => Some(true),
+            Some(ConnectionState::PeerClosed | ConnectionState::Closed) => None,
+            Some(other) => bail!("unexpected TLS state while receiving: {other:?}"),
         };
         io.discard(discard);
         match next {
