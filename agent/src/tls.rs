@@ -415,8 +415,8 @@ pub async fn connect(
 }
 
 /// Both sides of rustls's unbuffered API (`process_tls_records` is written once
-/// per side, not behind a trait).
-trait Unbuffered:
+/// per side, not behind a trait); `vigo-perf tls` drives it too.
+pub trait Unbuffered:
     std::ops::Deref<Target = rustls::unbuffered::UnbufferedConnectionCommon<Self::Data>> + Send
 {
     type Data: Send + 'static;

@@ -43,12 +43,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agent::identity::HostKey;
-use agent::tls::{self, AllowList};
+use agent::tls::{self, AllowList, Unbuffered};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
-use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ClientConfig, ServerConfig};
 use substrate::wire::{self, Decoder, Limits, RequestId};
@@ -518,36 +518,6 @@ fn receive_buffered<S: Read + Write>(
 }
 
 // ------------------------------------------------------------ unbuffered
-
-/// Both sides of rustls's unbuffered API (its `process_tls_records` is written
-/// once per side, not behind a trait).
-trait Unbuffered {
-    type Data;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
-}
-
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-}
-
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-}
 
 /// The socket and the two buffers an unbuffered connection works on.
 struct Io {
