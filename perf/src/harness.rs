@@ -602,10 +602,31 @@ impl Drop for WorkDir {
 /// `sync` flushes the whole system; callers flush (or fsync their inputs)
 /// beforehand, so what it waits for is this copy.
 pub fn cp_sync(src: &Path, dest: &Path, deadline: Duration) -> Result<f64> {
+    timed_copy(r#"cp -- "$1" "$2" && sync"#, src, dest, deadline)
+}
+
+/// The `dd oflag=direct conv=fdatasync` baseline: seconds to write `src`'s
+/// bytes (read from a warm page cache) to a new file `dest` with direct IO,
+/// 4 MiB per write, one write at a time, then `fdatasync` it: what this
+/// machine's disk takes to hold that many bytes durably on the path a
+/// fetch writes by (direct IO, then a flush), without the page cache's
+/// writeback in the way. `dest` is removed, untimed, before and after.
+pub fn dd_direct(src: &Path, dest: &Path, deadline: Duration) -> Result<f64> {
+    timed_copy(
+        r#"dd if="$1" of="$2" bs=4M oflag=direct conv=fdatasync status=none"#,
+        src,
+        dest,
+        deadline,
+    )
+}
+
+/// Seconds `sh -c SCRIPT sh SRC DEST` takes; `dest` removed, untimed,
+/// before and after.
+fn timed_copy(script: &str, src: &Path, dest: &Path, deadline: Duration) -> Result<f64> {
     remove_path(dest)?;
     let out = run_timed(
         Command::new("sh")
-            .args(["-c", r#"cp -- "$1" "$2" && sync"#, "sh"])
+            .args(["-c", script, "sh"])
             .arg(src)
             .arg(dest),
         false,
@@ -949,6 +970,33 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("boom") && err.contains('3'), "{err}");
+    }
+
+    /// Both durable-copy baselines really copy (a failing copy is an error,
+    /// not a time) and leave nothing behind.
+    #[test]
+    fn durable_copy_baselines_run_and_clean_up() {
+        // Under the target directory: /tmp may be a tmpfs without O_DIRECT.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let src = dir.path().join("src.bin");
+        std::fs::write(&src, vec![7u8; 5 << 20]).unwrap();
+        let deadline = Duration::from_secs(60);
+        for (name, copy) in [
+            (
+                "cp_sync",
+                cp_sync as fn(&Path, &Path, Duration) -> Result<f64>,
+            ),
+            ("dd_direct", dd_direct),
+        ] {
+            let dest = dir.path().join(format!("{name}.bin"));
+            let seconds = copy(&src, &dest, deadline).unwrap();
+            assert!(seconds > 0.0, "{name}");
+            assert!(!dest.exists(), "{name} left its copy");
+            let missing = dir.path().join("no-such-input");
+            assert!(copy(&missing, &dest, deadline).is_err(), "{name}");
+        }
     }
 
     #[test]

@@ -26,6 +26,11 @@
 //!   ends on the disk when the disk is the limit (`p2p_vs_cp_sync`: its time
 //!   / `envoy fetch`'s; `p2p_out_vs_cp_sync`: / `fetch --out`'s, which
 //!   writes two copies).
+//! - `dd oflag=direct conv=fdatasync`: the input's bytes written to a new
+//!   file beside the receiver's store with direct IO and flushed, the way
+//!   a fetch writes them: the disk's durable write rate
+//!   (`disk_durable_gb_per_s`), which bounds `p2p_gb_per_s`
+//!   (`p2p_vs_dd_direct`: its time / `envoy fetch`'s).
 //!
 //! The receiving daemon's `RssAnon` is sampled during every fetch (it is
 //! the process that holds transfer state; the CLI only relays).
@@ -165,6 +170,9 @@ enum Kind {
     Sendme,
     /// `cp` of the input to a new file beside the receiver's store, `sync`.
     CpSync,
+    /// `dd oflag=direct conv=fdatasync` of the input to a new file beside
+    /// the receiver's store: the disk's durable write rate.
+    DdDirect,
     /// `envoy fetch` from three sources, each capped (multi-source phase).
     MultiSource,
 }
@@ -177,6 +185,7 @@ impl Kind {
             Kind::FetchOut => "envoy fetch --out (+fsync)",
             Kind::Sendme => "sendme receive (+sync)",
             Kind::CpSync => "cp + sync (local copy)",
+            Kind::DdDirect => "dd direct + fdatasync (disk)",
             Kind::MultiSource => "envoy fetch, 3 capped sources",
         }
     }
@@ -377,7 +386,7 @@ pub fn run(args: P2pArgs) -> Result<()> {
             "iperf3 is not installed ({IPERF3_INSTALL}): p2p_vs_iperf3 is null"
         )),
     }
-    kinds.extend([Kind::Fetch, Kind::FetchOut, Kind::CpSync]);
+    kinds.extend([Kind::Fetch, Kind::FetchOut, Kind::CpSync, Kind::DdDirect]);
     match &p2p.sendme {
         Some(program) => {
             let program = program.clone();
@@ -1098,6 +1107,14 @@ impl P2p {
                 )?,
                 ..Sample::default()
             }),
+            Kind::DdDirect => Ok(Sample {
+                seconds: harness::dd_direct(
+                    &self.input.path,
+                    &self.receiver.state_dir.join("dd-copy.bin"),
+                    harness::run_deadline(self.input.size),
+                )?,
+                ..Sample::default()
+            }),
             Kind::MultiSource => {
                 ensure!(
                     !self.extra_sources.is_empty(),
@@ -1484,6 +1501,7 @@ fn summarize(
         Kind::Iperf3,
         Kind::Sendme,
         Kind::CpSync,
+        Kind::DdDirect,
         Kind::MultiSource,
     ] {
         let Some(c) = find(kind) else {
@@ -1522,6 +1540,7 @@ fn summarize(
             let (figure, package) = match c.kind {
                 Kind::Sendme => ("p2p_vs_sendme", SENDME_INSTALL),
                 Kind::CpSync => ("p2p_vs_cp_sync", "coreutils"),
+                Kind::DdDirect => ("p2p_vs_dd_direct", "coreutils"),
                 _ => ("p2p_vs_iperf3", IPERF3_INSTALL),
             };
             report.notes.push(format!(
@@ -1539,6 +1558,10 @@ fn summarize(
     let multi_source_speedup = ratio(fetch, median(Kind::MultiSource));
     let vs_cp_sync = ratio(median(Kind::CpSync), fetch);
     let out_vs_cp_sync = ratio(median(Kind::CpSync), fetch_out);
+    let vs_dd_direct = ratio(median(Kind::DdDirect), fetch);
+    let dd_gb_per_s = median(Kind::DdDirect)
+        .filter(|s| *s > 0.0)
+        .map(|s| size as f64 / s / GB);
     let rss = [Kind::Fetch, Kind::FetchOut, Kind::MultiSource]
         .into_iter()
         .filter_map(|k| find(k).and_then(|c| c.peak_rss_anon_bytes))
@@ -1558,6 +1581,8 @@ fn summarize(
     ratios.insert("multi_source_speedup".to_owned(), multi_source_speedup);
     ratios.insert("p2p_vs_cp_sync".to_owned(), vs_cp_sync);
     ratios.insert("p2p_out_vs_cp_sync".to_owned(), out_vs_cp_sync);
+    ratios.insert("p2p_vs_dd_direct".to_owned(), vs_dd_direct);
+    ratios.insert("disk_durable_gb_per_s".to_owned(), dd_gb_per_s);
     report.ratios.extend(ratios);
     report.goals.insert(
         "p2p_gb_per_s".to_owned(),
@@ -1618,6 +1643,16 @@ fn summarize(
          `envoy fetch`'s: near 1.0 the fetch is as fast as this machine makes one copy \
          durable, whatever the network could do; p2p_out_vs_cp_sync = cp+sync's time / `envoy \
          fetch --out`'s, which writes two copies (the store's and the exported file)"
+            .to_owned(),
+    );
+    report.notes.push(
+        "p2p_vs_dd_direct = the time of `dd if=INPUT of=COPY bs=4M oflag=direct \
+         conv=fdatasync` (the blob's bytes written durably beside the receiver's store with \
+         direct IO, the way a fetch writes them, then flushed) / `envoy fetch`'s; \
+         disk_durable_gb_per_s = size / dd's time. Every byte of a sealed fetch reaches the disk \
+         and is flushed, so p2p_gb_per_s cannot exceed what this disk does (near 1.0 the fetch \
+         is disk-bound); on a VM whose virtual disk caches writes in the host, the flush is \
+         where the cost shows"
             .to_owned(),
     );
     report.notes.push(
