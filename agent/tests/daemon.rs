@@ -860,6 +860,126 @@ fn hostile_frame_closes_only_that_connection() {
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
+/// A TCP stream that flips the last byte of its next write once armed: a
+/// TLS record changed on the way.
+struct Corrupting {
+    tcp: tokio::net::TcpStream,
+    armed: bool,
+}
+
+impl tokio::io::AsyncRead for Corrupting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Corrupting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.armed {
+            return std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        }
+        let mut changed = buf.to_vec();
+        *changed.last_mut().expect("a record is never empty") ^= 1;
+        let written = std::pin::Pin::new(&mut self.tcp).poll_write(cx, &changed);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            // The whole record or nothing changed reached the peer.
+            assert_eq!(n, buf.len(), "a short write of the changed record");
+            self.armed = false;
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A record that fails authentication (a byte changed on the wire) ends
+/// that connection, and the daemon tells the peer why before closing (a
+/// `Close` frame with the protocol code, in its own direction, which is
+/// unharmed) instead of just dropping it; everyone else is still served.
+#[test]
+fn a_record_changed_on_the_wire_closes_that_connection_with_the_reason() {
+    use agent::identity::HostKey;
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use substrate::wire::{CloseCode, Decoder, Frame, Limits};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let peer = HostKey::generate().unwrap();
+    let (mut a, mut b) = (Envoy::new(), Envoy::new());
+    a.allow = vec![b.key.clone(), peer.public().to_string()];
+    a.write_config();
+    b.allow(&[&a]);
+    a.start();
+    b.start();
+    let data = random(2 << 20, 12);
+    let id = a.add(&a.file("blob", &data));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
+    let received = rt.block_on(async {
+        // A plain rustls client with our key, over a stream that changes
+        // the next record it is given to write.
+        let config = tls::client_config(&peer, Arc::new(AllowList::new(vec![a_key]))).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+        let mut stream = connector
+            .connect(name, Corrupting { tcp, armed: false })
+            .await
+            .unwrap();
+        stream.get_mut().0.armed = true;
+        stream.write_all(&[0u8; 100]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got));
+        read.await
+            .expect("A closes the connection")
+            .expect("with a close_notify");
+        got
+    });
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    decoder
+        .receive_buffer(received.len())
+        .extend_from_slice(&received);
+    let mut close = None;
+    while let Some(frame) = decoder.poll_frame().unwrap() {
+        if let Frame::Close { code, text } = frame {
+            close = Some((code, text.to_owned()));
+        }
+    }
+    let (code, text) = close.expect("A says why it closes");
+    assert_eq!(code, CloseCode::PROTOCOL, "{text}");
+    assert!(text.contains("failed authentication"), "{text}");
+    assert!(a.wait_log("failed authentication"), "{}", a.log());
+
+    let out_path = b.dir.path().join("out.bin");
+    b.fetch(&id, &[a.addr()], &out_path).expect(OK);
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+}
+
 /// Two sources A and C, each uploading at 8 MiB/s (32 MiB take ~2 s from
 /// both), holding the same 32 MiB blob, and B fetching it from both with
 /// `--json fetch --out` (spawned, not waited for).

@@ -270,6 +270,15 @@ async fn read_frames(
                 }
                 Ok(Ok(false)) => return "closed by peer".into(),
                 Ok(Ok(true)) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    // A TLS record the peer should not have sent, or one
+                    // changed on the way: say why (our sending direction
+                    // is unharmed), so that the peer's log has the reason
+                    // too, not just a connection that ended.
+                    tracing::warn!("closing connection to {peer}: {e}");
+                    let _ = out.send(Out::Close(CloseCode::PROTOCOL, e.to_string())).await;
+                    return format!("read failed: {e}");
+                }
                 Ok(Err(e)) => return format!("read failed: {e}"),
             },
             b = async { intake.as_mut().expect("guarded").returned().await }, if intake.is_some() => {
