@@ -210,13 +210,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             // With --out the daemon hands this process the blob's file as it
             // verifies and writes it, and this process copies it out.
             let request = Request::Fetch(FetchRequest {
-                id,
+                id: id.clone(),
                 from,
                 json: g.json,
                 stream: out.is_some(),
             });
             let sink = out.map_or(Sink::Stdout, Sink::Copy);
-            control::call(stream, &request, sink, None)
+            match control::call(stream, &request, sink, None) {
+                Err(e) if e.is::<control::CopyMismatch>() => {
+                    reverify_after_bad_copy(&socket, &id, &e)
+                }
+                answer => answer,
+            }
         }
         Command::Id => {
             let config = config()?;
@@ -225,6 +230,43 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// A `fetch --out` copy did not hash to the blob's content hash, though the
+/// daemon verified every chunk as it received it: its copy is most likely
+/// damaged on its disk since. Has the daemon re-hash that blob (`store
+/// verify --full`, which quarantines it if so: it is then no longer served,
+/// and the next fetch rebuilds it from peers), its report on stderr, and
+/// exits with the corruption code either way.
+fn reverify_after_bad_copy(
+    socket: &std::path::Path,
+    blob: &str,
+    mismatch: &anyhow::Error,
+) -> anyhow::Result<u8> {
+    eprintln!("envoy: {mismatch}");
+    eprintln!(
+        "envoy: re-verifying the daemon's copy of {blob} (`envoy store verify --full {blob}`):"
+    );
+    let verified = control::connect(socket).and_then(|stream| {
+        let stream = stream.ok_or_else(|| anyhow::anyhow!("the daemon is gone"))?;
+        let verify = StoreCommand::Verify {
+            id: Some(blob.to_owned()),
+            full: true,
+        };
+        control::call(
+            stream,
+            &Request::Store {
+                cmd: verify,
+                json: false,
+            },
+            Sink::Stderr,
+            None,
+        )
+    });
+    if let Err(e) = verified {
+        eprintln!("envoy: could not re-verify it ({e:#}): run `envoy store verify --full {blob}`");
+    }
+    Ok(exit::CORRUPT)
 }
 
 /// Runs a store command through the daemon. Files the command reads are

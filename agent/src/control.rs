@@ -133,6 +133,9 @@ pub fn connect(socket: &Path) -> Result<Option<UnixStream>> {
 pub enum Sink {
     /// `O` to stdout; a file (`F`) is refused.
     Stdout,
+    /// `O` to stderr (a command run on the side of another, whose stdout
+    /// it must not mix with); a file is refused.
+    Stderr,
     /// `O` to a file written atomically: a temp file beside it, fsync,
     /// rename, fsync of the directory, only after the daemon reported
     /// success.
@@ -159,6 +162,21 @@ impl Read for FdStream<'_> {
             }
         }
     }
+}
+
+/// `fetch --out`: the bytes copied out of the daemon's file do not hash to
+/// the blob's content hash. Nothing was written at `path`; the daemon's
+/// copy is likely damaged on its disk (every chunk verified when it was
+/// received).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the copy for {} does not hash to the blob's content BLAKE3 ({got} instead of {expected}): not written",
+    path.display()
+)]
+pub struct CopyMismatch {
+    pub path: PathBuf,
+    pub got: ContentHash,
+    pub expected: ContentHash,
 }
 
 /// A `fetch --out` copy in progress: the daemon's file, and the hash its
@@ -193,7 +211,7 @@ pub fn call(
     let (mut temp, stdout_to_temp) = match &sink {
         Sink::File(path) => (Some(TempOut::create(path)?), true),
         Sink::Copy(path) => (Some(TempOut::create(path)?), false),
-        Sink::Stdout => (None, false),
+        Sink::Stdout | Sink::Stderr => (None, false),
     };
     let mut copying: Option<Copying> = None;
     let mut stdout = io::stdout().lock();
@@ -216,6 +234,7 @@ pub fn call(
         match kind {
             KIND_STDOUT => match match &mut temp {
                 Some(t) if stdout_to_temp => t.write_all(&body),
+                _ if matches!(sink, Sink::Stderr) => stderr.write_all(&body),
                 _ => stdout.write_all(&body),
             } {
                 Ok(()) => {}
@@ -290,14 +309,12 @@ pub fn call(
             )
         })?;
         if got != c.expected {
-            eprintln!(
-                "envoy: the copy for {} does not hash to the blob's content BLAKE3 \
-                 ({got} instead of {}): not written. The daemon's copy may be damaged \
-                 on disk; `envoy store verify --full` checks it.",
-                path.display(),
-                c.expected
-            );
-            return Ok(exit::CORRUPT);
+            return Err(CopyMismatch {
+                path: path.clone(),
+                got,
+                expected: c.expected,
+            }
+            .into());
         }
     }
     t.commit()?;

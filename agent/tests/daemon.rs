@@ -293,6 +293,24 @@ fn fetch_from_one_peer_verifies_seals_and_exports() {
     assert!(out.stderr.contains("content BLAKE3"), "{}", out.stderr);
     assert!(!damaged.exists());
     assert!(!b.dir.path().join(".damaged.bin.vigo-partial").exists());
+    // The client had B's daemon re-hash its copy, which found the damaged
+    // chunk and quarantined the blob (no longer served), on stderr: stdout
+    // is the fetch's alone.
+    assert!(
+        out.stderr.contains(&format!("CORRUPT\t{id}")) && out.stderr.contains("quarantined"),
+        "{}",
+        out.stderr
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("CORRUPT"), "{stdout}");
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    assert_eq!(ls.json()[0]["state"], "quarantined");
+    // The next fetch rebuilds it from A.
+    let repaired = b.dir.path().join("repaired.bin");
+    b.fetch(&id, &[a.addr()], &repaired).expect(OK);
+    assert_eq!(fs::read(&repaired).unwrap(), data);
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    assert_eq!(ls.json()[0]["state"], "complete");
 }
 
 /// An empty blob fetches, seals and exports like any other. (Its source
