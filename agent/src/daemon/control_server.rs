@@ -407,15 +407,22 @@ async fn follow(mut written: watch::Receiver<fetch::Written>, frames: Frames) ->
         let w = written.borrow_and_update().clone();
         if let Some(writer) = w.writer {
             if !handed {
-                let file = writer.open_for_reading()?;
+                // An open and two stats: off the runtime's workers, as every
+                // store call that may touch the disk.
+                let w = Arc::clone(&writer);
+                let file = tokio::task::spawn_blocking(move || w.open_for_reading()).await??;
                 send_file(&frames, file, writer.root()).await?;
                 handed = true;
             }
             if w.prefix > announced {
-                let ready = match w.prefix.checked_sub(1).map(|last| writer.entry(last)) {
-                    Some(Ok(Some(e))) => e.end(),
-                    Some(Err(e)) => return Err(e.into()),
-                    _ => bail!(
+                // The last chunk's entry: a manifest page, read from the
+                // store unless cached.
+                let last = w.prefix - 1;
+                let pages = Arc::clone(&writer);
+                let ready = match tokio::task::spawn_blocking(move || pages.entry(last)).await? {
+                    Ok(Some(e)) => e.end(),
+                    Err(e) => return Err(e.into()),
+                    Ok(None) => bail!(
                         "the fetch reported chunk {} written beyond its blob",
                         w.prefix
                     ),
@@ -452,7 +459,8 @@ async fn stream_rest(
         return Ok(());
     }
     let id = outcome.id.parse().context("fetched blob id")?;
-    let (file, root) = daemon.store.open_blob_file(&id)?;
+    let d = Arc::clone(daemon);
+    let (file, root) = tokio::task::spawn_blocking(move || d.store.open_blob_file(&id)).await??;
     send_file(frames, file, &root).await?;
     frames
         .send(control::KIND_READY, root.total_bytes.to_le_bytes().to_vec())
