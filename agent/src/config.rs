@@ -18,7 +18,7 @@
 //!   connections_total: 256
 //!   handshake_timeout_ms: 10000
 //!   idle_timeout_ms: 120000
-//!   reserve_bytes: 1073741824       # free space kept beyond a fetched blob
+//!   reserve_bytes: 1073741824       # free space kept beyond a fetched blob or an added file
 //! rate:
 //!   upload_bytes_per_s: null        # token bucket over all peers; null = unlimited
 //!   upload_burst_bytes: null        # its burst; null = half a second of the rate, at least 4 MiB
@@ -74,6 +74,8 @@ pub struct Limits {
     pub connections_total: u32,
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Free space every new blob in the daemon's store must leave (a fetch,
+    /// a `store add` through the daemon): `StoreOptions::reserve_bytes`.
     pub reserve_bytes: u64,
 }
 

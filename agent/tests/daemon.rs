@@ -737,6 +737,8 @@ fn raw_clients_hand_the_daemon_one_regular_file_at_most() {
     run(a.cmd(&["status"])).expect(OK);
 }
 
+/// A fetch, and a file added through the daemon, that would leave less than
+/// `limits.reserve_bytes` free are refused before anything is written.
 #[test]
 fn fetch_larger_than_free_space_is_refused_up_front() {
     // 1 PiB kept free: no disk here has that.
@@ -745,10 +747,16 @@ fn fetch_larger_than_free_space_is_refused_up_front() {
     let out = b.fetch(&id, &[a.addr()], &b.dir.path().join("out.bin"));
     out.expect(ERROR);
     assert!(
-        out.stderr.contains("not enough disk space"),
+        out.stderr.contains("not enough space in") && out.stderr.contains("kept free"),
         "{}",
         out.stderr
     );
+    // The same reserve holds for a file added through the daemon.
+    let add = run(b
+        .cmd(&["store", "add"])
+        .arg(b.file("local", &random(1 << 20, 10))));
+    add.expect(ERROR);
+    assert!(add.stderr.contains("kept free"), "{}", add.stderr);
     let ls = run(b.cmd(&["--json", "store", "ls"]));
     assert_eq!(
         ls.json(),

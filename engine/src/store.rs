@@ -139,11 +139,18 @@ pub enum StoreError {
     },
     #[error("blob {id} is corrupt: {why}")]
     CorruptFile { id: BlobId, why: String },
-    #[error("not enough space in {}: {needed} bytes needed, {available} available", path.display())]
+    #[error(
+        "not enough space in {}: {needed} bytes needed{}, {available} available",
+        path.display(),
+        if *kept_free > 0 { format!(" ({kept_free} of them kept free by the store's reserve)") } else { String::new() }
+    )]
     NoSpace {
         path: PathBuf,
         needed: u64,
         available: u64,
+        /// Of `needed`, what the store keeps free ([`StoreOptions::reserve_bytes`]
+        /// and a small fixed margin); 0 for a file outside the store.
+        kept_free: u64,
     },
     #[error("cannot write {}: no space left on the filesystem (nothing half-written was kept)", path.display())]
     DiskFull { path: PathBuf },
@@ -205,6 +212,11 @@ pub struct StoreOptions {
     /// Write blob files with direct IO (bypassing the page cache) where the
     /// filesystem allows it. Faster durable ingest; later reads come from disk.
     pub direct_writes: bool,
+    /// Free space every new blob (an add, a fetch's partial blob) must leave
+    /// on the store's filesystem, on top of a small fixed margin: the store
+    /// refuses one up front rather than fill the disk. Default 0; the daemon
+    /// sets its `limits.reserve_bytes`.
+    pub reserve_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -214,6 +226,7 @@ impl Default for StoreOptions {
             chunker: ChunkerParams::DEFAULT,
             limits: ManifestLimits::default(),
             direct_writes: true,
+            reserve_bytes: 0,
         }
     }
 }
@@ -383,6 +396,25 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether a new blob of `bytes` fits: the store's filesystem must keep
+    /// [`StoreOptions::reserve_bytes`] and a small margin free after it.
+    /// Every new blob (`add_file`, `begin_partial`) is checked here first.
+    pub fn check_room(&self, bytes: u64) -> Result<(), StoreError> {
+        let kept_free = SPACE_MARGIN_BYTES.saturating_add(self.options.reserve_bytes);
+        let available = sys::free_bytes(&self.dir)
+            .map_err(StoreError::io("cannot stat filesystem of", &self.dir))?;
+        let needed = bytes.saturating_add(kept_free);
+        if available < needed {
+            return Err(StoreError::NoSpace {
+                path: self.dir.clone(),
+                needed,
+                available,
+                kept_free,
+            });
+        }
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -520,17 +552,7 @@ impl Store {
                 self.options.limits.total_bytes_max
             )));
         }
-        let tmp_dir = self.dir.join(TMP_DIR);
-        let available = sys::free_bytes(&tmp_dir)
-            .map_err(StoreError::io("cannot stat filesystem of", &tmp_dir))?;
-        let needed = size + SPACE_MARGIN_BYTES;
-        if available < needed {
-            return Err(StoreError::NoSpace {
-                path: self.dir.clone(),
-                needed,
-                available,
-            });
-        }
+        self.check_room(size)?;
         if let Some(p) = progress {
             p.total.store(size, Ordering::Relaxed);
         }
@@ -907,6 +929,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 needed: total,
                 available,
+                kept_free: 0,
             });
         }
         let name = target
@@ -1184,16 +1207,8 @@ impl Store {
             }
             return Ok(r.state);
         }
+        self.check_room(manifest.root.total_bytes)?;
         let total = manifest.root.total_bytes;
-        let available = sys::free_bytes(&self.dir)
-            .map_err(StoreError::io("cannot stat filesystem of", &self.dir))?;
-        if available < total + SPACE_MARGIN_BYTES {
-            return Err(StoreError::NoSpace {
-                path: self.dir.clone(),
-                needed: total + SPACE_MARGIN_BYTES,
-                available,
-            });
-        }
         self.create_partial_file(&id, total)?;
         let tx = self.index.write()?;
         for (i, page) in manifest.pages.iter().enumerate() {

@@ -5,7 +5,7 @@
 //!    round robin from the peers that answered, verifying each against the
 //!    root (`wire::ManifestAssembler`). A partial blob left by an earlier
 //!    run (resume) already has its manifest.
-//! 2. Check free space (blob + `limits.reserve_bytes`), register the partial
+//! 2. Check free space (blob + `limits.reserve_bytes`: `Store::check_room`), register the partial
 //!    blob (its blocks are reserved up front), copy every chunk already held
 //!    locally by any blob (delta), and list what is still missing.
 //! 3. Drive `substrate::sched::Scheduler`: requests go out through each
@@ -215,7 +215,10 @@ pub(crate) async fn fetch(
     let manifest_seconds = started.elapsed().as_secs_f64();
     let total = manifest.root.total_bytes;
     if !resumed {
-        check_space(&daemon, total)?;
+        // Before any chunk is asked for (`begin_partial` checks again).
+        store
+            .check_room(total)
+            .context("refused up front (limits.reserve_bytes), nothing was fetched")?;
     }
     let lens = chunk_lens(&manifest)?;
     let (before, missing) = {
@@ -735,20 +738,6 @@ fn chunk_lens(m: &Manifest) -> Result<Vec<u32>> {
         }
     }
     Ok(lens)
-}
-
-fn check_space(daemon: &Daemon, total: u64) -> Result<()> {
-    let dir = daemon.store.dir();
-    let reserve = daemon.config.limits.reserve_bytes;
-    let free = engine::sys::free_bytes(dir)
-        .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
-    if free < total.saturating_add(reserve) {
-        bail!(
-            "not enough disk space for this fetch: the blob needs {total} bytes and limits.reserve_bytes keeps {reserve} free, but {} has {free} bytes available; nothing was fetched",
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// Joins a peer to the scheduler once it has both sent `Hello` and a `Have`.

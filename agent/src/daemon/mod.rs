@@ -131,6 +131,7 @@ async fn run_async(config: Config, io: engine::io::IoMode) -> Result<()> {
         &store_dir,
         StoreOptions {
             io,
+            reserve_bytes: config.limits.reserve_bytes,
             ..StoreOptions::default()
         },
     )
