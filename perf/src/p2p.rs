@@ -26,9 +26,9 @@
 //!   ends on the disk when the disk is the limit (`p2p_vs_cp_sync`: its time
 //!   / `envoy fetch`'s; `p2p_out_vs_cp_sync`: / `fetch --out`'s, which
 //!   writes two copies).
-//! - `dd oflag=direct conv=fdatasync`: the input's bytes written to a new
-//!   file beside the receiver's store with direct IO and flushed, the way
-//!   a fetch writes them: the disk's durable write rate
+//! - `dd oflag=direct conv=fdatasync`: the input's bytes written to a new,
+//!   allocated (`fallocate`) file beside the receiver's store with direct
+//!   IO and flushed, the way a fetch writes them: the disk's durable write rate
 //!   (`disk_durable_gb_per_s`), which bounds `p2p_gb_per_s`
 //!   (`p2p_vs_dd_direct`: its time / `envoy fetch`'s).
 //!
@@ -205,6 +205,10 @@ struct Contender {
     peak_rss_anon_bytes: Option<u64>,
     /// What the daemon itself reported as the fetch's duration.
     daemon_seconds: Vec<f64>,
+    /// CPU seconds the receiving daemon used per run (all its threads).
+    receiver_cpu_seconds: Vec<f64>,
+    /// CPU seconds this whole machine was busy per run.
+    system_cpu_seconds: Vec<f64>,
     /// Set when a baseline failed: its runs are dropped, its ratio is null.
     failed: Option<String>,
 }
@@ -216,6 +220,8 @@ impl Contender {
             seconds: Vec::new(),
             peak_rss_anon_bytes: None,
             daemon_seconds: Vec::new(),
+            receiver_cpu_seconds: Vec::new(),
+            system_cpu_seconds: Vec::new(),
             failed: None,
         }
     }
@@ -227,6 +233,10 @@ struct Sample {
     seconds: f64,
     peak_rss_anon_bytes: Option<u64>,
     daemon_seconds: Option<f64>,
+    /// Of our fetches: CPU seconds of the receiving daemon during the run.
+    receiver_cpu_seconds: Option<f64>,
+    /// Of our fetches: CPU seconds the machine was busy during the run.
+    system_cpu_seconds: Option<f64>,
 }
 
 /// What `envoy --json fetch` prints (one JSON line). Only the fields the
@@ -484,9 +494,15 @@ fn run_rounds(p2p: &mut P2p, contenders: &mut [Contender], runs: u32) -> Result<
                 }
             };
             eprintln!(
-                "{label:>9}  {:<28} {:8.3} s{}",
+                "{label:>9}  {:<28} {:8.3} s{}{}",
                 kind.name(),
                 sample.seconds,
+                sample
+                    .receiver_cpu_seconds
+                    .zip(sample.system_cpu_seconds)
+                    .map_or_else(String::new, |(r, m)| format!(
+                        "  CPU s receiver {r:.2} machine {m:.2}"
+                    )),
                 sample
                     .peak_rss_anon_bytes
                     .map_or_else(String::new, |b| format!(
@@ -501,6 +517,12 @@ fn run_rounds(p2p: &mut P2p, contenders: &mut [Contender], runs: u32) -> Result<
             if round > 0 {
                 contender.seconds.push(sample.seconds);
                 contender.daemon_seconds.extend(sample.daemon_seconds);
+                contender
+                    .receiver_cpu_seconds
+                    .extend(sample.receiver_cpu_seconds);
+                contender
+                    .system_cpu_seconds
+                    .extend(sample.system_cpu_seconds);
             }
         }
     }
@@ -1224,10 +1246,14 @@ impl P2p {
         if let Some(path) = out_path {
             command.arg("--out").arg(path);
         }
+        let receiver_cpu = || harness::process_cpu_seconds(self.receiver.pid());
+        let cpu_before = (receiver_cpu(), harness::system_busy_cpu_seconds());
         let sampler = RssSampler::start(self.receiver.pid());
         let outcome =
             harness::run_timed(&mut command, false, harness::run_deadline(self.input.size));
         let peak = sampler.finish()?;
+        let cpu_after = (receiver_cpu(), harness::system_busy_cpu_seconds());
+        let used = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
         let outcome = outcome.map_err(|e| {
             let mut tails = self.receiver.log_tail();
             for source in self.sources() {
@@ -1317,6 +1343,8 @@ impl P2p {
             seconds: outcome.seconds,
             peak_rss_anon_bytes: peak,
             daemon_seconds: fetched.seconds,
+            receiver_cpu_seconds: used(cpu_before.0, cpu_after.0),
+            system_cpu_seconds: used(cpu_before.1, cpu_after.1),
         })
     }
 
@@ -1520,6 +1548,14 @@ fn summarize(
                 row.extra
                     .insert("daemon_seconds_median".to_owned(), s.median.into());
             }
+            for (name, values) in [
+                ("receiver_cpu_s_median", &c.receiver_cpu_seconds),
+                ("machine_cpu_s_median", &c.system_cpu_seconds),
+            ] {
+                if let Some(s) = Stats::of(values) {
+                    row.extra.insert(name.to_owned(), s.median.into());
+                }
+            }
         }
         if kind == Kind::MultiSource {
             row.extra
@@ -1559,6 +1595,13 @@ fn summarize(
     let vs_cp_sync = ratio(median(Kind::CpSync), fetch);
     let out_vs_cp_sync = ratio(median(Kind::CpSync), fetch_out);
     let vs_dd_direct = ratio(median(Kind::DdDirect), fetch);
+    let fetch_cpu = |of: fn(&Contender) -> &Vec<f64>| {
+        find(Kind::Fetch)
+            .and_then(|c| Stats::of(of(c)))
+            .map(|s| s.median / (size as f64 / GB))
+    };
+    let receiver_cpu_s_per_gb = fetch_cpu(|c| &c.receiver_cpu_seconds);
+    let machine_cpu_s_per_gb = fetch_cpu(|c| &c.system_cpu_seconds);
     let dd_gb_per_s = median(Kind::DdDirect)
         .filter(|s| *s > 0.0)
         .map(|s| size as f64 / s / GB);
@@ -1583,6 +1626,8 @@ fn summarize(
     ratios.insert("p2p_out_vs_cp_sync".to_owned(), out_vs_cp_sync);
     ratios.insert("p2p_vs_dd_direct".to_owned(), vs_dd_direct);
     ratios.insert("disk_durable_gb_per_s".to_owned(), dd_gb_per_s);
+    ratios.insert("receiver_cpu_s_per_gb".to_owned(), receiver_cpu_s_per_gb);
+    ratios.insert("machine_cpu_s_per_gb".to_owned(), machine_cpu_s_per_gb);
     report.ratios.extend(ratios);
     report.goals.insert(
         "p2p_gb_per_s".to_owned(),
@@ -1646,13 +1691,22 @@ fn summarize(
             .to_owned(),
     );
     report.notes.push(
-        "p2p_vs_dd_direct = the time of `dd if=INPUT of=COPY bs=4M oflag=direct \
-         conv=fdatasync` (the blob's bytes written durably beside the receiver's store with \
-         direct IO, the way a fetch writes them, then flushed) / `envoy fetch`'s; \
+        "p2p_vs_dd_direct = the time of `fallocate -l SIZE COPY && dd if=INPUT of=COPY bs=4M \
+         oflag=direct conv=notrunc,fdatasync` (the blob's bytes written durably beside the \
+         receiver's store with direct IO into an allocated file, the way a fetch writes them, \
+         then flushed) / `envoy fetch`'s; \
          disk_durable_gb_per_s = size / dd's time. Every byte of a sealed fetch reaches the disk \
          and is flushed, so p2p_gb_per_s cannot exceed what this disk does (near 1.0 the fetch \
          is disk-bound); on a VM whose virtual disk caches writes in the host, the flush is \
          where the cost shows"
+            .to_owned(),
+    );
+    report.notes.push(
+        "receiver_cpu_s_per_gb / machine_cpu_s_per_gb = the median CPU seconds of a sealed \
+         `envoy fetch` (one source), per 10^9 bytes: of the receiving daemon (all its threads, \
+         user + system, /proc/PID/stat) and of the whole machine (every CPU's busy time, \
+         /proc/stat: sender, receiver, kernel); what a fetch costs when the disk, not the CPU, \
+         sets its pace"
             .to_owned(),
     );
     report.notes.push(
