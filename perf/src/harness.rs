@@ -352,8 +352,8 @@ fn parse_process_ticks(stat: &str) -> Option<u64> {
 }
 
 /// CPU time all CPUs of this machine have spent busy so far (user, nice,
-/// system, irq, softirq, steal: everything but idle and iowait), in seconds
-/// (`/proc/stat`).
+/// system, irq, softirq: not idle, iowait, nor steal, the time a VM's host
+/// gave to others), in seconds (`/proc/stat`).
 pub fn system_busy_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     Some(parse_busy_ticks(&stat)? as f64 / clock_ticks_per_s()?)
@@ -370,7 +370,7 @@ fn parse_busy_ticks(stat: &str) -> Option<u64> {
     // user nice system idle iowait irq softirq steal [guest guest_nice,
     // already counted in user and nice]
     let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
-    Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+    Some(at(0) + at(1) + at(2) + at(5) + at(6))
 }
 
 fn clock_ticks_per_s() -> Option<f64> {
@@ -1000,7 +1000,7 @@ mod tests {
         assert_eq!(parse_process_ticks(stat), Some(1234 + 567));
         assert_eq!(parse_process_ticks("4242 (envoy) S 1"), None);
         let proc_stat = "cpu  100 5 40 9000 30 2 3 1 0 0\ncpu0 50 2 20 4500 15 1 1 0 0 0\n";
-        assert_eq!(parse_busy_ticks(proc_stat), Some(100 + 5 + 40 + 2 + 3 + 1));
+        assert_eq!(parse_busy_ticks(proc_stat), Some(100 + 5 + 40 + 2 + 3));
         assert_eq!(parse_busy_ticks("intr 1 2 3"), None);
         // Real reads: this test process and this machine have used some.
         let own = process_cpu_seconds(std::process::id()).expect("own CPU time");

@@ -1704,7 +1704,7 @@ fn summarize(
     report.notes.push(
         "receiver_cpu_s_per_gb / machine_cpu_s_per_gb = the median CPU seconds of a sealed \
          `envoy fetch` (one source), per 10^9 bytes: of the receiving daemon (all its threads, \
-         user + system, /proc/PID/stat) and of the whole machine (every CPU's busy time, \
+         user + system, /proc/PID/stat) and of the whole machine (every CPU's busy time, steal excluded, \
          /proc/stat: sender, receiver, kernel); what a fetch costs when the disk, not the CPU, \
          sets its pace"
             .to_owned(),

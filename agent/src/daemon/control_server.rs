@@ -415,20 +415,17 @@ async fn follow(mut written: watch::Receiver<fetch::Written>, frames: Frames) ->
                 handed = true;
             }
             if w.prefix > announced {
-                // The last chunk's entry: a manifest page, read from the
-                // store unless cached.
-                let last = w.prefix - 1;
-                let pages = Arc::clone(&writer);
-                let ready = match tokio::task::spawn_blocking(move || pages.entry(last)).await? {
-                    Ok(Some(e)) => e.end(),
-                    Err(e) => return Err(e.into()),
-                    Ok(None) => bail!(
-                        "the fetch reported chunk {} written beyond its blob",
-                        w.prefix
-                    ),
-                };
+                // The fetch counts the bytes as it counts the chunks: no
+                // manifest lookup here.
+                if w.prefix_bytes > writer.root().total_bytes {
+                    bail!(
+                        "the fetch reported {} bytes written of a {}-byte blob",
+                        w.prefix_bytes,
+                        writer.root().total_bytes
+                    );
+                }
                 frames
-                    .send(control::KIND_READY, ready.to_le_bytes().to_vec())
+                    .send(control::KIND_READY, w.prefix_bytes.to_le_bytes().to_vec())
                     .await?;
                 announced = w.prefix;
                 continue;

@@ -139,13 +139,15 @@ impl Peer {
 type Events = mpsc::UnboundedReceiver<(PeerId, PeerEvent)>;
 
 /// How far a fetch has its blob in the file without a gap: chunks
-/// `0..prefix` are verified and written (not necessarily durable yet).
+/// `0..prefix`, the first `prefix_bytes` bytes, are verified and written
+/// (not necessarily durable yet).
 #[derive(Clone, Default)]
 pub(crate) struct Written {
     /// The blob's writer; `None` until the partial blob exists (and for a
     /// blob that was already complete).
     pub writer: Option<Arc<PartialWriter>>,
     pub prefix: u64,
+    pub prefix_bytes: u64,
 }
 
 /// Fetches `req.id`; with `written`, publishes its in-order progress there
@@ -264,17 +266,20 @@ pub(crate) async fn fetch(
         w.send_replace(Written {
             writer: Some(Arc::clone(&writer)),
             prefix: 0,
+            prefix_bytes: 0,
         });
     }
-    let mut prefix = 0u64;
-    let publish = |sched: &Scheduler, prefix: &mut u64| {
+    // (chunks, bytes) written without a gap from the start.
+    let mut prefix = (0u64, 0u64);
+    let publish = |sched: &Scheduler, (chunks, bytes): &mut (u64, u64)| {
         let Some(w) = &written else { return };
-        let before = *prefix;
-        while *prefix < chunk_count && sched.is_done(*prefix) {
-            *prefix += 1;
+        let before = *chunks;
+        while *chunks < chunk_count && sched.is_done(*chunks) {
+            *bytes += u64::from(sched.chunk_len(*chunks).expect("below chunk_count"));
+            *chunks += 1;
         }
-        if *prefix > before {
-            w.send_modify(|w| w.prefix = *prefix);
+        if *chunks > before {
+            w.send_modify(|w| (w.prefix, w.prefix_bytes) = (*chunks, *bytes));
         }
     };
     publish(&sched, &mut prefix);
