@@ -854,21 +854,36 @@ fn raw_exchange(
     })
 }
 
-#[test]
-fn hostile_frame_closes_only_that_connection() {
-    use agent::identity::HostKey;
-
-    let intruder = HostKey::generate().unwrap();
+/// A admitting B and `intruder` (authenticated, maybe hostile), B admitting
+/// A, both started, A holding a 2 MiB blob: (A, B, its id, its bytes).
+fn pair_admitting(
+    intruder: &agent::identity::HostKey,
+    seed: u64,
+) -> (Envoy, Envoy, String, Vec<u8>) {
     let (mut a, mut b) = (Envoy::new(), Envoy::new());
-    // A admits B and the intruder's key: the intruder is authenticated,
-    // just hostile.
     a.allow = vec![b.key.clone(), intruder.public().to_string()];
     a.write_config();
     b.allow(&[&a]);
     a.start();
     b.start();
-    let data = random(2 << 20, 10);
+    let data = random(2 << 20, seed);
     let id = a.add(&a.file("blob", &data));
+    (a, b, id, data)
+}
+
+/// B fetches `id` from A and gets `data`: A still serves everyone else.
+fn assert_still_served(a: &Envoy, b: &Envoy, id: &str, data: &[u8]) {
+    let out_path = b.dir.path().join("out.bin");
+    b.fetch(id, &[a.addr()], &out_path).expect(OK);
+    assert!(fs::read(&out_path).unwrap() == data, "B's copy differs");
+}
+
+#[test]
+fn hostile_frame_closes_only_that_connection() {
+    use agent::identity::HostKey;
+
+    let intruder = HostKey::generate().unwrap();
+    let (a, b, id, data) = pair_admitting(&intruder, 10);
 
     // A header claiming a 4 GiB body of an unknown kind.
     let received = raw_exchange(
@@ -880,10 +895,7 @@ fn hostile_frame_closes_only_that_connection() {
     // A answered with its Hello and then closed (a Close frame follows).
     assert!(!received.is_empty());
     assert!(a.wait_log("malformed frame"), "{}", a.log());
-    // A still serves everyone else.
-    let out_path = b.dir.path().join("out.bin");
-    b.fetch(&id, &[a.addr()], &out_path).expect(OK);
-    assert_eq!(fs::read(&out_path).unwrap(), data);
+    assert_still_served(&a, &b, &id, &data);
 }
 
 /// A TCP stream that flips the last byte of its next write once armed: a
@@ -951,14 +963,7 @@ fn a_record_changed_on_the_wire_closes_that_connection_with_the_reason() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let peer = HostKey::generate().unwrap();
-    let (mut a, mut b) = (Envoy::new(), Envoy::new());
-    a.allow = vec![b.key.clone(), peer.public().to_string()];
-    a.write_config();
-    b.allow(&[&a]);
-    a.start();
-    b.start();
-    let data = random(2 << 20, 12);
-    let id = a.add(&a.file("blob", &data));
+    let (a, b, id, data) = pair_admitting(&peer, 12);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1000,10 +1005,7 @@ fn a_record_changed_on_the_wire_closes_that_connection_with_the_reason() {
     assert_eq!(code, CloseCode::PROTOCOL, "{text}");
     assert!(text.contains("failed authentication"), "{text}");
     assert!(a.wait_log("failed authentication"), "{}", a.log());
-
-    let out_path = b.dir.path().join("out.bin");
-    b.fetch(&id, &[a.addr()], &out_path).expect(OK);
-    assert_eq!(fs::read(&out_path).unwrap(), data);
+    assert_still_served(&a, &b, &id, &data);
 }
 
 /// Two sources A and C, each uploading at 8 MiB/s (32 MiB take ~2 s from

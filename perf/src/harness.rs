@@ -643,6 +643,9 @@ impl Drop for WorkDir {
     }
 }
 
+/// A durable-copy baseline: `(src, dest, deadline)` to seconds.
+pub type DurableCopy = fn(&Path, &Path, Duration) -> Result<f64>;
+
 /// The `cp SRC DEST && sync` baseline: seconds to make one durable copy of
 /// `src` at `dest` the way an operator would, through the page cache and
 /// the kernel's writeback. `dest` is removed, untimed, before and after.
@@ -1049,10 +1052,7 @@ mod tests {
         std::fs::write(&src, vec![7u8; 5 << 20]).unwrap();
         let deadline = Duration::from_secs(60);
         for (name, copy) in [
-            (
-                "cp_sync",
-                cp_sync as fn(&Path, &Path, Duration) -> Result<f64>,
-            ),
+            ("cp_sync", cp_sync as DurableCopy),
             ("dd_direct", dd_direct),
         ] {
             let dest = dir.path().join(format!("{name}.bin"));

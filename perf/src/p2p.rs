@@ -1121,22 +1121,21 @@ impl P2p {
                 self.fetch_once(&first_sender, Some(&out), warm_up)
             }
             Kind::Sendme => self.sendme_once(warm_up),
-            Kind::CpSync => Ok(Sample {
-                seconds: harness::cp_sync(
-                    &self.input.path,
-                    &self.receiver.state_dir.join("cp-copy.bin"),
-                    harness::run_deadline(self.input.size),
-                )?,
-                ..Sample::default()
-            }),
-            Kind::DdDirect => Ok(Sample {
-                seconds: harness::dd_direct(
-                    &self.input.path,
-                    &self.receiver.state_dir.join("dd-copy.bin"),
-                    harness::run_deadline(self.input.size),
-                )?,
-                ..Sample::default()
-            }),
+            Kind::CpSync | Kind::DdDirect => {
+                // A durable local copy beside the receiver's store.
+                let (copy, name): (harness::DurableCopy, _) = match kind {
+                    Kind::CpSync => (harness::cp_sync, "cp-copy.bin"),
+                    _ => (harness::dd_direct, "dd-copy.bin"),
+                };
+                Ok(Sample {
+                    seconds: copy(
+                        &self.input.path,
+                        &self.receiver.state_dir.join(name),
+                        harness::run_deadline(self.input.size),
+                    )?,
+                    ..Sample::default()
+                })
+            }
             Kind::MultiSource => {
                 ensure!(
                     !self.extra_sources.is_empty(),
