@@ -1207,8 +1207,8 @@ impl Store {
             }
             return Ok(r.state);
         }
-        self.check_room(manifest.root.total_bytes)?;
         let total = manifest.root.total_bytes;
+        self.check_room(total)?;
         self.create_partial_file(&id, total)?;
         let tx = self.index.write()?;
         for (i, page) in manifest.pages.iter().enumerate() {

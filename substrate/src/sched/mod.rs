@@ -546,12 +546,12 @@ impl Scheduler {
         self.complete
     }
 
-    /// Whether chunk `index` is done (a caller may skip writing a duplicate).
     /// The length of chunk `index`, as given to [`Scheduler::new`].
     pub fn chunk_len(&self, index: u64) -> Option<u32> {
         self.lens.get(usize::try_from(index).ok()?).copied()
     }
 
+    /// Whether chunk `index` is done (a caller may skip writing a duplicate).
     pub fn is_done(&self, index: u64) -> bool {
         self.state.get(index as usize) == Some(&ChunkState::Done)
     }
