@@ -5,9 +5,14 @@
 //! - `meta`: `"format_version"` → u64. Checked at open.
 //! - `blobs`: blob id → record (`[record version u8][state u8][created u64 LE][manifest root]`).
 //! - `pages`: (row key, page index) → encoded manifest page.
-//! - `chunks` (multimap): chunk hash → `[row key 32][offset u64 LE][len u32 LE]`,
-//!   one value per (chunk, blob holding it). Exact under dedup: removing a
-//!   blob removes exactly its own values.
+//! - `chunk_rows`: (first 8 bytes of a chunk hash as a big-endian u64, row
+//!   number, chunk index) → nothing: one row per (chunk, position in a blob).
+//!   Exact under dedup: removing a blob removes exactly its own rows. A lookup
+//!   reads the candidate's entry in its manifest page for the full hash, the
+//!   offset and the length. See "Chunk rows" in `ARCHITECTURE.md` for why so
+//!   small.
+//! - `row_numbers`: row key → row number (`u64`, given out by
+//!   `meta.next_row_number`), and `numbered_rows`, the reverse.
 //! - `presence`: (blob id, page index) → bitmap of chunks written, for partial blobs.
 //! - `owners` (multimap): blob id → `"uid:subsystem"`.
 //! - `sealing`: blob id → manifest root, while a seal or removal is writing
@@ -33,22 +38,29 @@ use redb::{
 
 use crate::hash::{BlobId, ChunkHash};
 use crate::index_file::IndexFile;
-use crate::manifest::{ChunkEntry, ManifestLimits, ManifestRoot};
+use crate::manifest::{ChunkEntry, ManifestLimits, ManifestRoot, PAGE_CHUNKS, page_entry};
 use crate::store::{BlobState, Owner, StoreError};
 
 /// Version of the store layout (directories + these tables). Bump on any
 /// incompatible change; `Store::open` refuses other versions.
-pub const STORE_FORMAT_VERSION: u64 = 2;
-/// Versions `Index::open` upgrades in place: version 1 lacks the row-key
+pub const STORE_FORMAT_VERSION: u64 = 3;
+/// Versions `Index::open` upgrades in place. Version 1 lacks the row-key
 /// tables, which is exactly a version 2 store where every row key is its
-/// blob id.
-const UPGRADABLE_FORMAT_VERSIONS: [u64; 1] = [1];
+/// blob id; version 2 kept chunk locations in the `chunks` multimap, which
+/// the upgrade replaces by `chunk_rows` built from the stored pages.
+const UPGRADABLE_FORMAT_VERSIONS: [u64; 2] = [1, 2];
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BLOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("blobs");
 const PAGES: TableDefinition<(&[u8; 32], u32), &[u8]> = TableDefinition::new("pages");
-const CHUNKS: MultimapTableDefinition<&[u8; 32], &[u8; 44]> =
+const CHUNK_ROWS: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("chunk_rows");
+/// Versions 1 and 2's chunk locations, dropped by the upgrade.
+const CHUNKS_V2: MultimapTableDefinition<&[u8; 32], &[u8; 44]> =
     MultimapTableDefinition::new("chunks");
+const ROW_NUMBERS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("row_numbers");
+const NUMBERED_ROWS: TableDefinition<u64, &[u8; 32]> = TableDefinition::new("numbered_rows");
+/// `meta` key: the row number the next row key gets.
+const NEXT_ROW_NUMBER: &str = "next_row_number";
 const PRESENCE: TableDefinition<(&[u8; 32], u32), &[u8]> = TableDefinition::new("presence");
 const OWNERS: MultimapTableDefinition<&[u8; 32], &str> = MultimapTableDefinition::new("owners");
 const SEALING: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("sealing");
@@ -104,21 +116,28 @@ pub struct ChunkLocation {
     pub len: u32,
 }
 
-fn encode_location(key: &RowKey, offset: u64, len: u32) -> [u8; 44] {
-    let mut v = [0u8; 44];
-    v[..32].copy_from_slice(&key.0);
-    v[32..40].copy_from_slice(&offset.to_le_bytes());
-    v[40..].copy_from_slice(&len.to_le_bytes());
-    v
+/// One chunk's row in `chunk_rows`, before its row key is numbered: the
+/// first 8 bytes of its hash, big-endian (so rows sort as hashes do), and
+/// its index in the blob. 16 bytes, so a big batch of them is cheap to hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChunkRow {
+    prefix: u64,
+    index: u64,
 }
 
-/// A chunk row: the row key it was written under, offset and length.
-fn decode_location(v: &[u8; 44]) -> (RowKey, u64, u32) {
-    (
-        RowKey(v[..32].try_into().expect("32 bytes")),
-        u64::from_le_bytes(v[32..40].try_into().expect("8 bytes")),
-        u32::from_le_bytes(v[40..].try_into().expect("4 bytes")),
-    )
+impl ChunkRow {
+    /// The rows of manifest page `page`, whose chunks are `entries`.
+    pub fn of_page(page: u32, entries: &[ChunkEntry]) -> impl Iterator<Item = ChunkRow> + '_ {
+        let first = u64::from(page) * u64::from(PAGE_CHUNKS);
+        entries.iter().zip(first..).map(|(e, index)| ChunkRow {
+            prefix: hash_prefix(&e.hash),
+            index,
+        })
+    }
+}
+
+fn hash_prefix(hash: &ChunkHash) -> u64 {
+    u64::from_be_bytes(hash.0[..8].try_into().expect("8 bytes"))
 }
 
 fn encode_record(r: &BlobRecord) -> Vec<u8> {
@@ -157,16 +176,25 @@ pub(crate) struct Index {
 }
 
 /// Where sealed copies of chunks are, as of one read snapshot of the index:
-/// one transaction and three opened tables for any number of lookups. Delta
+/// one transaction and its opened tables for any number of lookups. Delta
 /// planning looks up every chunk of a manifest; a transaction per lookup
 /// cost 0.77 s for the 215k chunks of a 2 GiB blob (an empty store, two
 /// cores), paid before a fetch requested anything. Take a new finder to see
 /// later commits.
 pub struct ChunkFinder {
-    chunks: redb::ReadOnlyMultimapTable<&'static [u8; 32], &'static [u8; 44]>,
+    rows: redb::ReadOnlyTable<(u64, u64, u64), ()>,
+    numbered: redb::ReadOnlyTable<u64, &'static [u8; 32]>,
     blobs: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
     owners: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8; 32]>,
+    pages: redb::ReadOnlyTable<(&'static [u8; 32], u32), &'static [u8]>,
+    /// The manifest pages lookups read last, by (row number, page index),
+    /// newest first: a blob that shares content shares runs of chunks, so
+    /// consecutive lookups mostly land in the same page.
+    cache: std::cell::RefCell<std::collections::VecDeque<(u64, u32, Vec<u8>)>>,
 }
+
+/// Manifest pages a [`ChunkFinder`] keeps (~180 KB each).
+const FINDER_PAGES: usize = 4;
 
 impl ChunkFinder {
     /// A sealed, servable copy of `hash` in a blob other than `exclude`
@@ -177,13 +205,24 @@ impl ChunkFinder {
         exclude: &BlobId,
         skip: &HashSet<BlobId>,
     ) -> Result<Option<ChunkLocation>, StoreError> {
-        for v in self.chunks.get(&hash.0).map_err(ierr)? {
-            let (key, offset, len) = decode_location(v.map_err(ierr)?.value());
+        let prefix = hash_prefix(hash);
+        for row in self
+            .rows
+            .range((prefix, 0, 0)..=(prefix, u64::MAX, u64::MAX))
+            .map_err(ierr)?
+        {
+            let (_, number, index) = row.map_err(ierr)?.0.value();
+            let Some(key) = self.numbered.get(number).map_err(ierr)?.map(|k| *k.value()) else {
+                // Never written so (a row key's number goes with its last
+                // row); a stray row only costs this lookup.
+                tracing::warn!("chunk row {prefix:016x}/{number}/{index} names no row key");
+                continue;
+            };
             // A provisional key names its blob once sealed; until then it
             // names nothing, and the lookup below finds no complete blob.
-            let blob = match self.owners.get(&key.0).map_err(ierr)? {
+            let blob = match self.owners.get(&key).map_err(ierr)? {
                 Some(id) => BlobId(*id.value()),
-                None => BlobId(key.0),
+                None => BlobId(key),
             };
             if blob == *exclude || skip.contains(&blob) {
                 continue;
@@ -193,11 +232,53 @@ impl ChunkFinder {
                 .get(&blob.0)
                 .map_err(ierr)?
                 .is_some_and(|r| r.value().get(1) == Some(&(BlobState::Complete as u8)));
-            if complete {
-                return Ok(Some(ChunkLocation { blob, offset, len }));
+            if !complete {
+                continue;
+            }
+            // The row holds 8 bytes of the hash: the page entry has the rest.
+            if let Some(e) = self.entry(number, &key, index)?
+                && e.hash == *hash
+            {
+                return Ok(Some(ChunkLocation {
+                    blob,
+                    offset: e.offset,
+                    len: e.len,
+                }));
             }
         }
         Ok(None)
+    }
+
+    /// Chunk `index` of the pages stored under `key` (row number `number`).
+    fn entry(
+        &self,
+        number: u64,
+        key: &[u8; 32],
+        index: u64,
+    ) -> Result<Option<ChunkEntry>, StoreError> {
+        let per_page = u64::from(PAGE_CHUNKS);
+        let Ok(page) = u32::try_from(index / per_page) else {
+            return Ok(None);
+        };
+        let slot = (index % per_page) as usize;
+        let mut cache = self.cache.borrow_mut();
+        if let Some(at) = cache
+            .iter()
+            .position(|(n, p, _)| (*n, *p) == (number, page))
+        {
+            let hit = cache.remove(at).expect("found");
+            let entry = page_entry(&hit.2, slot);
+            cache.push_front(hit);
+            return Ok(entry);
+        }
+        let Some(bytes) = self.pages.get((key, page)).map_err(ierr)? else {
+            return Ok(None);
+        };
+        let bytes = bytes.value().to_vec();
+        let entry = page_entry(&bytes, slot);
+        cache.truncate(FINDER_PAGES - 1);
+        cache.push_front((number, page, bytes));
+        Ok(entry)
     }
 }
 
@@ -225,6 +306,7 @@ impl Index {
             .map_err(|e| cannot(&e))?;
         let index = Index { db };
         let tx = index.db.begin_write().map_err(ierr)?;
+        let mut upgrade_from = None;
         {
             let mut meta = tx.open_table(META).map_err(ierr)?;
             let found = meta.get("format_version").map_err(ierr)?.map(|v| v.value());
@@ -234,13 +316,8 @@ impl Index {
                         .map_err(ierr)?;
                 }
                 Some(v) if v == STORE_FORMAT_VERSION => {}
-                Some(v) if UPGRADABLE_FORMAT_VERSIONS.contains(&v) => {
-                    tracing::info!(
-                        "upgrading the store index from format version {v} to {STORE_FORMAT_VERSION}"
-                    );
-                    meta.insert("format_version", STORE_FORMAT_VERSION)
-                        .map_err(ierr)?;
-                }
+                // The new version is written once the upgrade is done.
+                Some(v) if UPGRADABLE_FORMAT_VERSIONS.contains(&v) => upgrade_from = Some(v),
                 Some(v) => {
                     return Err(StoreError::FormatVersion {
                         found: v,
@@ -251,7 +328,9 @@ impl Index {
             // Create every table so readers never meet a missing one.
             tx.open_table(BLOBS).map_err(ierr)?;
             tx.open_table(PAGES).map_err(ierr)?;
-            tx.open_multimap_table(CHUNKS).map_err(ierr)?;
+            tx.open_table(CHUNK_ROWS).map_err(ierr)?;
+            tx.open_table(ROW_NUMBERS).map_err(ierr)?;
+            tx.open_table(NUMBERED_ROWS).map_err(ierr)?;
             tx.open_table(PRESENCE).map_err(ierr)?;
             tx.open_multimap_table(OWNERS).map_err(ierr)?;
             tx.open_table(SEALING).map_err(ierr)?;
@@ -260,7 +339,61 @@ impl Index {
             tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?;
         }
         tx.commit().map_err(ierr)?;
+        if let Some(from) = upgrade_from {
+            index.upgrade(from)?;
+        }
         Ok(index)
+    }
+
+    /// Upgrades a version 1 or 2 index (see [`UPGRADABLE_FORMAT_VERSIONS`]):
+    /// `chunk_rows` is built from the pages of every blob, in unsynced
+    /// batches, and one durable commit at the end drops `chunks` and writes
+    /// the new version. A crash before it leaves the old index as it was
+    /// (unsynced commits do not survive one); a rerun inserts the same rows
+    /// again. Pages that no longer decode are left out with a warning (their
+    /// chunks are then not found for delta; `store verify` reports them).
+    fn upgrade(&self, from: u64) -> Result<(), StoreError> {
+        tracing::info!(
+            "upgrading the store index from format version {from} to {STORE_FORMAT_VERSION}: indexing the chunks of every blob"
+        );
+        let started = std::time::Instant::now();
+        let mut tx = self.write()?;
+        let (mut rows, mut pages) = (Vec::new(), 0u32);
+        for (id, record) in self.blobs()? {
+            let key = self.row_key(&id)?;
+            for i in 0..record.root.pages.len() as u32 {
+                let Some(bytes) = self.page_bytes_at(&key, i)? else {
+                    continue;
+                };
+                match record.root.decode_page(i as usize, &bytes) {
+                    Ok(entries) => rows.extend(ChunkRow::of_page(i, &entries)),
+                    Err(e) => tracing::warn!(
+                        "blob {id}: manifest page {i} does not decode ({e}); its chunks are left out of the chunk index"
+                    ),
+                }
+                pages += 1;
+                if pages.is_multiple_of(crate::store::PAGES_PER_TX) {
+                    tx.put_chunks(key, &mut rows)?;
+                    rows.clear();
+                    tx.commit_unsynced()?;
+                    tx = self.write()?;
+                }
+            }
+            tx.put_chunks(key, &mut rows)?;
+            rows.clear();
+        }
+        tx.tx.delete_multimap_table(CHUNKS_V2).map_err(ierr)?;
+        tx.tx
+            .open_table(META)
+            .map_err(ierr)?
+            .insert("format_version", STORE_FORMAT_VERSION)
+            .map_err(ierr)?;
+        tx.commit()?;
+        tracing::info!(
+            "store index upgraded: {pages} manifest pages indexed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     pub fn blob(&self, id: &BlobId) -> Result<Option<BlobRecord>, StoreError> {
@@ -384,15 +517,28 @@ impl Index {
     pub fn chunk_finder(&self) -> Result<ChunkFinder, StoreError> {
         let tx = self.db.begin_read().map_err(ierr)?;
         Ok(ChunkFinder {
-            chunks: tx.open_multimap_table(CHUNKS).map_err(ierr)?,
+            rows: tx.open_table(CHUNK_ROWS).map_err(ierr)?,
+            numbered: tx.open_table(NUMBERED_ROWS).map_err(ierr)?,
             blobs: tx.open_table(BLOBS).map_err(ierr)?,
             owners: tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?,
+            pages: tx.open_table(PAGES).map_err(ierr)?,
+            cache: Default::default(),
         })
     }
 
     #[cfg(test)]
     pub fn db_for_tests(&self) -> &Database {
         &self.db
+    }
+
+    /// Rows in `chunk_rows` and row keys numbered.
+    #[cfg(test)]
+    pub fn chunk_rows_for_tests(&self) -> (u64, u64) {
+        let tx = self.db.begin_read().unwrap();
+        (
+            redb::ReadableTableMetadata::len(&tx.open_table(CHUNK_ROWS).unwrap()).unwrap(),
+            redb::ReadableTableMetadata::len(&tx.open_table(ROW_NUMBERS).unwrap()).unwrap(),
+        )
     }
 
     pub fn write(&self) -> Result<Tx, StoreError> {
@@ -431,19 +577,67 @@ impl Tx {
         Ok(())
     }
 
-    /// Records where each chunk of a blob lives, under its row key.
-    /// Inserts in key order: chunk hashes are uniformly random, and sorted
-    /// inserts walk the B-tree once instead of touching a random leaf each.
+    /// Records which chunks the pages stored under a row key list (rows
+    /// from [`ChunkRow::of_page`]). Inserts in key order: chunk hashes are
+    /// uniformly random, and sorted inserts walk the B-tree once instead of
+    /// touching a random leaf each.
     pub fn put_chunks(
         &self,
         key: impl Into<RowKey>,
-        entries: &mut [ChunkEntry],
+        rows: &mut [ChunkRow],
     ) -> Result<(), StoreError> {
-        let key = key.into();
-        entries.sort_unstable_by_key(|e| e.hash);
-        let mut t = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
-        for e in entries.iter() {
-            t.insert(&e.hash.0, &encode_location(&key, e.offset, e.len))
+        let number = self.row_number(&key.into())?;
+        rows.sort_unstable();
+        let mut t = self.tx.open_table(CHUNK_ROWS).map_err(ierr)?;
+        for r in rows.iter() {
+            t.insert((r.prefix, number, r.index), ()).map_err(ierr)?;
+        }
+        Ok(())
+    }
+
+    /// The number of `key`'s chunk rows: its own, or a new one.
+    fn row_number(&self, key: &RowKey) -> Result<u64, StoreError> {
+        if let Some(n) = self.existing_row_number(key)? {
+            return Ok(n);
+        }
+        let mut meta = self.tx.open_table(META).map_err(ierr)?;
+        let n = meta
+            .get(NEXT_ROW_NUMBER)
+            .map_err(ierr)?
+            .map_or(0, |v| v.value());
+        meta.insert(NEXT_ROW_NUMBER, n + 1).map_err(ierr)?;
+        self.tx
+            .open_table(ROW_NUMBERS)
+            .map_err(ierr)?
+            .insert(&key.0, n)
+            .map_err(ierr)?;
+        self.tx
+            .open_table(NUMBERED_ROWS)
+            .map_err(ierr)?
+            .insert(n, &key.0)
+            .map_err(ierr)?;
+        Ok(n)
+    }
+
+    fn existing_row_number(&self, key: &RowKey) -> Result<Option<u64>, StoreError> {
+        let numbers = self.tx.open_table(ROW_NUMBERS).map_err(ierr)?;
+        Ok(numbers.get(&key.0).map_err(ierr)?.map(|n| n.value()))
+    }
+
+    /// Forgets `key`'s row number (its chunk rows must be gone).
+    pub fn forget_row_number(&self, key: &RowKey) -> Result<(), StoreError> {
+        let n = self
+            .tx
+            .open_table(ROW_NUMBERS)
+            .map_err(ierr)?
+            .remove(&key.0)
+            .map_err(ierr)?
+            .map(|n| n.value());
+        if let Some(n) = n {
+            self.tx
+                .open_table(NUMBERED_ROWS)
+                .map_err(ierr)?
+                .remove(n)
                 .map_err(ierr)?;
         }
         Ok(())
@@ -551,12 +745,10 @@ impl Tx {
         i: u32,
         entries: &[ChunkEntry],
     ) -> Result<(), StoreError> {
-        {
-            let mut chunks = self.tx.open_multimap_table(CHUNKS).map_err(ierr)?;
-            for e in entries {
-                chunks
-                    .remove(&e.hash.0, &encode_location(key, e.offset, e.len))
-                    .map_err(ierr)?;
+        if let Some(number) = self.existing_row_number(key)? {
+            let mut rows = self.tx.open_table(CHUNK_ROWS).map_err(ierr)?;
+            for r in ChunkRow::of_page(i, entries) {
+                rows.remove((r.prefix, number, r.index)).map_err(ierr)?;
             }
         }
         self.tx

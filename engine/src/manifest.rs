@@ -325,6 +325,19 @@ impl ManifestRoot {
     }
 }
 
+/// Entry `slot` of an encoded page, read without decoding or checking the
+/// rest (entries are fixed-width); `None` when the bytes are too short to
+/// hold it. For lookups that check what they find by its hash.
+pub fn page_entry(page: &[u8], slot: usize) -> Option<ChunkEntry> {
+    let at = PAGE_HEADER_BYTES.checked_add(slot.checked_mul(ENTRY_BYTES)?)?;
+    let raw = EntryRaw::read_from_prefix(page.get(at..)?).ok()?.0;
+    Some(ChunkEntry {
+        offset: raw.offset.get(),
+        len: raw.len.get(),
+        hash: ChunkHash(raw.hash),
+    })
+}
+
 fn chunk_count_bounds(total: u64, params: &ChunkerParams) -> (u64, u64) {
     if total == 0 {
         return (0, 0);

@@ -43,7 +43,7 @@ use rayon::prelude::*;
 
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::hash::{BlobId, ChunkHash, ContentHash};
-use crate::index::{BlobRecord, Index, RowKey};
+use crate::index::{BlobRecord, ChunkRow, Index, RowKey};
 use crate::ingest::{self, IngestError, PageSink, Sink};
 use crate::io::{BackendUnavailable, IoBackend, IoMode, IoSelection};
 use crate::manifest::{
@@ -343,8 +343,9 @@ const TMP_DIR: &str = "tmp";
 /// Room for index growth beyond the content itself.
 const SPACE_MARGIN_BYTES: u64 = 16 << 20;
 /// Manifest pages per index transaction when sealing or removing: bounds the
-/// transaction's dirty memory (~12 MiB for 32 pages of 4096 chunks).
-const PAGES_PER_TX: u32 = 32;
+/// transaction's memory: 2 MiB of rows for 32 pages of 4096 chunks, and
+/// redb's dirty pages.
+pub(crate) const PAGES_PER_TX: u32 = 32;
 /// How an add's last index transactions shrink: one is cut short when only
 /// this many pages (~40 MB each) are still expected, so the last one, written
 /// after the last byte has been hashed, holds at most the last step's pages.
@@ -699,7 +700,7 @@ impl Store {
                 tx.commit_unsynced()?;
                 tx = self.index.write()?;
             }
-            batch.extend(self.index.page(id, root, i)?);
+            batch.extend(ChunkRow::of_page(i, &self.index.page(id, root, i)?));
             in_batch += 1;
         }
         tx.put_chunks(id, &mut batch)?;
@@ -735,6 +736,7 @@ impl Store {
                 tx = self.index.write()?;
             }
         }
+        tx.forget_row_number(key)?;
         tx.commit()
     }
 
@@ -1952,7 +1954,7 @@ struct IngestRows<'a> {
     /// `ingests` marker holds.
     written: ManifestRoot,
     pending: Vec<EncodedPage>,
-    entries: Vec<ChunkEntry>,
+    rows: Vec<ChunkRow>,
 }
 
 impl<'a> IngestRows<'a> {
@@ -1970,7 +1972,7 @@ impl<'a> IngestRows<'a> {
                 pages: Vec::new(),
             },
             pending: Vec::new(),
-            entries: Vec::new(),
+            rows: Vec::new(),
         }
     }
 
@@ -1980,7 +1982,7 @@ impl<'a> IngestRows<'a> {
         for page in &self.pending {
             tx.put_page(self.key, page.index, &page.bytes)?;
         }
-        tx.put_chunks(self.key, &mut self.entries)?;
+        tx.put_chunks(self.key, &mut self.rows)?;
         let mut written = self.written.clone();
         for page in &self.pending {
             let r: PageRef = page.page_ref;
@@ -1997,7 +1999,7 @@ impl<'a> IngestRows<'a> {
         );
         self.written = written;
         self.pending.clear();
-        self.entries.clear();
+        self.rows.clear();
         Ok(())
     }
 
@@ -2015,10 +2017,10 @@ impl<'a> IngestRows<'a> {
 }
 
 impl PageSink for IngestRows<'_> {
-    fn page(&mut self, page: EncodedPage, mut entries: Vec<ChunkEntry>) -> Result<(), StoreError> {
+    fn page(&mut self, page: EncodedPage, entries: Vec<ChunkEntry>) -> Result<(), StoreError> {
         self.received_bytes += page.page_ref.byte_len;
+        self.rows.extend(ChunkRow::of_page(page.index, &entries));
         self.pending.push(page);
-        self.entries.append(&mut entries);
         let received = self.written.pages.len() + self.pending.len();
         let page_bytes = self.received_bytes / received as u64;
         let expected_pages = self
@@ -2205,18 +2207,11 @@ mod tests {
         for i in 0..manifest.root.pages.len() as u32 {
             assert!(store.index.page_bytes_at(&key, i).unwrap().is_none());
         }
-        for e in manifest.entries().unwrap() {
-            let tx = redb::ReadableDatabase::begin_read(store.index.db_for_tests()).unwrap();
-            let t = tx
-                .open_multimap_table(redb::MultimapTableDefinition::<&[u8; 32], &[u8; 44]>::new(
-                    "chunks",
-                ))
-                .unwrap();
-            assert!(
-                t.get(&e.hash.0).unwrap().is_empty(),
-                "chunk row left behind"
-            );
-        }
+        assert_eq!(
+            store.index.chunk_rows_for_tests(),
+            (0, 0),
+            "chunk rows or a row number left behind"
+        );
     }
 
     #[test]
@@ -2269,34 +2264,101 @@ mod tests {
         assert_eq!(store.index.row_key(&id).unwrap(), RowKey::from(&id));
         assert!(store.index.page_bytes_at(&key, 0).unwrap().is_none());
         assert_eq!(store.plan(&other).unwrap().held_chunks, 0);
+        assert_eq!(store.index.chunk_rows_for_tests(), (0, 0));
     }
 
     #[test]
-    fn a_version_1_store_is_upgraded_in_place() {
+    fn a_chunk_is_found_only_where_its_whole_hash_matches() {
         let tmp = tempfile::tempdir().unwrap();
-        drop(Store::open(tmp.path(), StoreOptions::default()).unwrap());
-        let set_version = |v: u64| {
-            let db = redb::Database::open(tmp.path().join(INDEX_FILE)).unwrap();
-            let tx = db.begin_write().unwrap();
-            tx.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
-                .unwrap()
-                .insert("format_version", v)
-                .unwrap();
-            tx.commit().unwrap();
-        };
-        set_version(1);
-        drop(Store::open(tmp.path(), StoreOptions::default()).unwrap());
-        let db = redb::Database::open(tmp.path().join(INDEX_FILE)).unwrap();
-        let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
-        let meta = tx
-            .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
-            .unwrap();
-        assert_eq!(
-            redb::ReadableTable::get(&meta, "format_version")
-                .unwrap()
-                .unwrap()
-                .value(),
-            crate::index::STORE_FORMAT_VERSION
-        );
+        let store = Store::open(&tmp.path().join("s"), small_chunks()).unwrap();
+        let path = tmp.path().join("in");
+        fs::write(&path, data(300 * 1024, 8)).unwrap();
+        let id = store
+            .add_file(&path, &Owner::new(0, "test"), None)
+            .unwrap()
+            .id;
+        let entries = store.manifest(&id).unwrap().entries().unwrap();
+        let finder = store.index.chunk_finder().unwrap();
+        let none = HashSet::new();
+        let other = BlobId([9; 32]);
+        for e in &entries {
+            let loc = finder.find(&e.hash, &other, &none).unwrap().unwrap();
+            assert_eq!((loc.blob, loc.offset, loc.len), (id, e.offset, e.len));
+            // Same first 8 bytes (the row's key), another hash: not found.
+            let mut near = e.hash;
+            near.0[31] ^= 1;
+            assert_eq!(finder.find(&near, &other, &none).unwrap(), None);
+            assert_eq!(finder.find(&e.hash, &id, &none).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn older_stores_are_upgraded_in_place() {
+        let chunks_v2 = redb::MultimapTableDefinition::<&[u8; 32], &[u8; 44]>::new("chunks");
+        let meta = redb::TableDefinition::<&str, u64>::new("meta");
+        for version in [1, 2] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("s");
+            let path = tmp.path().join("in");
+            fs::write(&path, data(PAGE_CHUNKS_USIZE * 1024 + 4321, version)).unwrap();
+            let id = {
+                let store = Store::open(&dir, small_chunks()).unwrap();
+                store
+                    .add_file(&path, &Owner::new(0, "test"), None)
+                    .unwrap()
+                    .id
+            };
+            {
+                // As the older version left it: chunk locations in the
+                // `chunks` multimap, no chunk rows, no row numbers.
+                let db = redb::Database::open(dir.join(INDEX_FILE)).unwrap();
+                let tx = db.begin_write().unwrap();
+                for table in ["chunk_rows", "row_numbers", "numbered_rows"] {
+                    assert!(
+                        tx.delete_table(redb::TableDefinition::<(), ()>::new(table))
+                            .unwrap()
+                    );
+                }
+                tx.open_multimap_table(chunks_v2)
+                    .unwrap()
+                    .insert(&[1; 32], &[2; 44])
+                    .unwrap();
+                let mut m = tx.open_table(meta).unwrap();
+                m.insert("format_version", version).unwrap();
+                m.remove("next_row_number").unwrap();
+                drop(m);
+                tx.commit().unwrap();
+            }
+            let store = Store::open(&dir, small_chunks()).unwrap();
+            let manifest = store.manifest(&id).unwrap();
+            let other = Manifest {
+                root: ManifestRoot {
+                    content_hash: ContentHash([1; 32]),
+                    ..manifest.root.clone()
+                },
+                pages: manifest.pages.clone(),
+            };
+            let plan = store.plan(&other).unwrap();
+            assert_eq!(
+                (plan.held_chunks, plan.missing_chunks),
+                (manifest.root.chunk_count, 0),
+                "from version {version}"
+            );
+            {
+                let tx = redb::ReadableDatabase::begin_read(store.index.db_for_tests()).unwrap();
+                let found =
+                    redb::ReadableTable::get(&tx.open_table(meta).unwrap(), "format_version")
+                        .unwrap()
+                        .unwrap()
+                        .value();
+                assert_eq!(found, crate::index::STORE_FORMAT_VERSION);
+                assert!(
+                    tx.open_multimap_table(chunks_v2).is_err(),
+                    "`chunks` dropped"
+                );
+            }
+            store.remove(&id).unwrap();
+            assert_eq!(store.index.chunk_rows_for_tests(), (0, 0));
+        }
     }
 }
