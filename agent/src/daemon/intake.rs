@@ -45,8 +45,15 @@ use tokio::sync::mpsc;
 use super::conn::{ChunkVerdict, PeerEvent, Tap};
 
 /// A batch is handed over once it holds this many payload bytes (see
-/// [`FULL_BATCH_SOURCES`] for fetches from many sources).
-pub(crate) const BATCH_BYTES: usize = 1 << 20;
+/// [`FULL_BATCH_SOURCES`] for fetches from many sources). 2 MiB since
+/// session 13: each batch cuts its runs at its ends (a partial block each
+/// end through the page cache), and on a disk that pays per request those
+/// small writes cost more than their bytes. 4 GiB from one source against
+/// 1 MiB batches: 9.2 k write requests instead of 13 k, receiver CPU
+/// 7.5–8.3 s against 9.1–10.4, sealed 11.3–15.9 s against 13.7–18.9,
+/// peak RssAnon 53 MiB against 43 (`ARCHITECTURE.md`, "What the disk
+/// wants").
+pub(crate) const BATCH_BYTES: usize = 2 << 20;
 /// Sources of one fetch whose connections all get [`BATCH_BYTES`] batches;
 /// with more, batches shrink so that the receiver's batch memory stays that
 /// of this many. Each batch cuts the runs it holds at its ends (a partial
@@ -54,8 +61,10 @@ pub(crate) const BATCH_BYTES: usize = 1 << 20;
 /// dividing 1 MiB among three capped sources (341 KiB batches, 12 k per 4
 /// GiB instead of 4 k) cost the receiver 15-20% more CPU, and the fetch
 /// 6.72/6.91 s against 5.68/5.82 with 1 MiB each (`/var/tmp/ab3.sh`, two
-/// alternating rounds), for 7.7 MiB more peak RssAnon (55.1 MiB).
-const FULL_BATCH_SOURCES: usize = 3;
+/// alternating rounds), for 7.7 MiB more peak RssAnon (55.1 MiB). With
+/// 2 MiB batches, three: three capped sources peaked at 63.7 MiB (goal 64);
+/// two (three sources get 1.33 MiB each): 54.7 MiB.
+const FULL_BATCH_SOURCES: usize = 2;
 /// The smallest batch, however many sources share a fetch.
 const BATCH_BYTES_MIN: usize = 256 << 10;
 /// Batches verified and written at once per connection (on the blocking
