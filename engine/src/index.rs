@@ -213,8 +213,8 @@ impl ChunkFinder {
         {
             let (_, number, index) = row.map_err(ierr)?.0.value();
             let Some(key) = self.numbered.get(number).map_err(ierr)?.map(|k| *k.value()) else {
-                // Never written so (a row key's number goes with its last
-                // row); a stray row only costs this lookup.
+                // Not written so: a row key's number is removed with its
+                // last row. A stray row costs only this lookup.
                 tracing::warn!("chunk row {prefix:016x}/{number}/{index} names no row key");
                 continue;
             };

@@ -14,8 +14,8 @@
 //! session 8: 5.9% of a 2 GiB fetch's samples, the largest copy left on the
 //! receiving side.)
 //!
-//! Batches fill up to [`BATCH_BYTES`] (beyond [`FULL_BATCH_SOURCES`]
-//! sources of one fetch, smaller batches each, at least [`BATCH_BYTES_MIN`];
+//! Batches fill up to [`BATCH_BYTES`] (with several sources of one fetch,
+//! [`SHARED_BATCH_BYTES`] divided among them, at least [`BATCH_BYTES_MIN`];
 //! each of a source's connections gets the source's size), but never wait
 //! for that while the disk side is idle: when the reader has decoded
 //! everything it read and a writer is free, it hands over what it has. At most [`BATCHES_MAX`] batches exist
@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use super::conn::{ChunkVerdict, PeerEvent, Tap};
 
 /// A batch is handed over once it holds this many payload bytes (see
-/// [`FULL_BATCH_SOURCES`] for fetches from many sources). 2 MiB since
+/// [`SHARED_BATCH_BYTES`] for fetches from several sources). 2 MiB since
 /// session 13: each batch cuts its runs at its ends (a partial block each
 /// end through the page cache), and on a disk that pays per request those
 /// small writes cost more than their bytes. 4 GiB from one source against
@@ -54,17 +54,19 @@ use super::conn::{ChunkVerdict, PeerEvent, Tap};
 /// peak RssAnon 53 MiB against 43 (`ARCHITECTURE.md`, "What the disk
 /// wants").
 pub(crate) const BATCH_BYTES: usize = 2 << 20;
-/// Sources of one fetch whose connections all get [`BATCH_BYTES`] batches;
-/// with more, batches shrink so that the receiver's batch memory stays that
-/// of this many. Each batch cuts the runs it holds at its ends (a partial
-/// block through the page cache, one more direct write, one more task):
-/// dividing 1 MiB among three capped sources (341 KiB batches, 12 k per 4
-/// GiB instead of 4 k) cost the receiver 15-20% more CPU, and the fetch
-/// 6.72/6.91 s against 5.68/5.82 with 1 MiB each (`/var/tmp/ab3.sh`, two
-/// alternating rounds), for 7.7 MiB more peak RssAnon (55.1 MiB). With
-/// 2 MiB batches, three: three capped sources peaked at 63.7 MiB (goal 64);
-/// two (three sources get 1.33 MiB each): 54.7 MiB.
-const FULL_BATCH_SOURCES: usize = 2;
+/// The batch size all sources of one fetch share: each gets this divided
+/// by their number, at most [`BATCH_BYTES`], so the receiver's batch memory
+/// (one source: 4 × 2 MiB per connection) is at most that of three sources
+/// with 1 MiB batches, what it was before batches grew to 2 MiB. Each batch
+/// cuts the runs it holds at its ends (a partial block through the page
+/// cache, one more direct write, one more task): dividing 1 MiB among three
+/// capped sources (341 KiB batches, 12 k per 4 GiB instead of 4 k) cost the
+/// receiver 15-20% more CPU, and the fetch 6.72/6.91 s against 5.68/5.82
+/// with 1 MiB each (`/var/tmp/ab3.sh`, two alternating rounds), for 7.7 MiB
+/// more peak RssAnon (55.1 MiB). With 2 MiB for up to three sources, three
+/// capped sources peaked at 63.7 MiB (goal 64); for up to two (three get
+/// 1.33 MiB each), at 54.7–60.0 MiB.
+const SHARED_BATCH_BYTES: usize = 3 << 20;
 /// The smallest batch, however many sources share a fetch.
 const BATCH_BYTES_MIN: usize = 256 << 10;
 /// Batches verified and written at once per connection (on the blocking
@@ -156,13 +158,13 @@ impl Live {
 
     /// Batch size for each of the fetch's live intakes.
     fn batch_bytes(&self) -> usize {
-        // Memory stays within FULL_BATCH_SOURCES × lanes × BATCHES_MAX ×
-        // BATCH_BYTES however many sources there are, down to the floor.
+        // Memory stays within SHARED_BATCH_BYTES × lanes × BATCHES_MAX
+        // however many sources there are, down to the floor.
         // Smaller batches per connection cost more
         // than they save: 2 connections of 512 KiB batches took 4.6-6.9 s
         // starting writeback for 4 GiB on two cores, 1 MiB ones 1.3-2.2 s.
         let sources = self.0.live.load(Ordering::Relaxed).div_ceil(self.0.lanes());
-        (BATCH_BYTES * FULL_BATCH_SOURCES / sources.max(FULL_BATCH_SOURCES)).max(BATCH_BYTES_MIN)
+        (SHARED_BATCH_BYTES / sources.max(1)).clamp(BATCH_BYTES_MIN, BATCH_BYTES)
     }
 }
 
