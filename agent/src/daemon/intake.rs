@@ -65,7 +65,7 @@ pub(crate) const BATCH_BYTES: usize = 2 << 20;
 /// with 1 MiB each (`/var/tmp/ab3.sh`, two alternating rounds), for 7.7 MiB
 /// more peak RssAnon (55.1 MiB). With 2 MiB for up to three sources, three
 /// capped sources peaked at 63.7 MiB (goal 64); for up to two (three get
-/// 1.33 MiB each), at 54.7–60.0 MiB.
+/// 1.33 MiB each), at 54.7–60.0 MiB; with this, at 48.6–50.2 MiB.
 const SHARED_BATCH_BYTES: usize = 3 << 20;
 /// The smallest batch, however many sources share a fetch.
 const BATCH_BYTES_MIN: usize = 256 << 10;
