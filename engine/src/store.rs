@@ -2166,6 +2166,17 @@ mod tests {
 
     const PAGE_CHUNKS_USIZE: usize = crate::manifest::PAGE_CHUNKS as usize;
 
+    /// Another blob made of `manifest`'s chunks: only its content hash differs.
+    fn same_chunks_other_blob(manifest: &Manifest) -> Manifest {
+        Manifest {
+            root: ManifestRoot {
+                content_hash: ContentHash([1; 32]),
+                ..manifest.root.clone()
+            },
+            pages: manifest.pages.clone(),
+        }
+    }
+
     #[test]
     fn rows_of_an_unsealed_add_are_never_found_and_open_removes_them() {
         let tmp = tempfile::tempdir().unwrap();
@@ -2245,15 +2256,9 @@ mod tests {
         let key = store.index.row_key(&id).unwrap();
         assert_ne!(key, RowKey::from(&id), "rows live under the add's own key");
         let manifest = store.manifest(&id).unwrap();
-        // Another blob with the same chunks (only its content hash differs):
-        // the plan for it must find every chunk in `id`.
-        let other = Manifest {
-            root: ManifestRoot {
-                content_hash: ContentHash([1; 32]),
-                ..manifest.root.clone()
-            },
-            pages: manifest.pages.clone(),
-        };
+        // The plan for another blob with the same chunks must find every
+        // chunk in `id`.
+        let other = same_chunks_other_blob(&manifest);
         assert_eq!(store.plan(&other).unwrap().missing_chunks, 0);
         assert!(
             store.verify(Some(&id), true, None).unwrap()[0]
@@ -2331,13 +2336,7 @@ mod tests {
             }
             let store = Store::open(&dir, small_chunks()).unwrap();
             let manifest = store.manifest(&id).unwrap();
-            let other = Manifest {
-                root: ManifestRoot {
-                    content_hash: ContentHash([1; 32]),
-                    ..manifest.root.clone()
-                },
-                pages: manifest.pages.clone(),
-            };
+            let other = same_chunks_other_blob(&manifest);
             let plan = store.plan(&other).unwrap();
             assert_eq!(
                 (plan.held_chunks, plan.missing_chunks),
