@@ -331,11 +331,17 @@ impl ManifestRoot {
 pub fn page_entry(page: &[u8], slot: usize) -> Option<ChunkEntry> {
     let at = PAGE_HEADER_BYTES.checked_add(slot.checked_mul(ENTRY_BYTES)?)?;
     let raw = EntryRaw::read_from_prefix(page.get(at..)?).ok()?.0;
-    Some(ChunkEntry {
-        offset: raw.offset.get(),
-        len: raw.len.get(),
-        hash: ChunkHash(raw.hash),
-    })
+    Some(ChunkEntry::from(&raw))
+}
+
+impl From<&EntryRaw> for ChunkEntry {
+    fn from(raw: &EntryRaw) -> Self {
+        ChunkEntry {
+            offset: raw.offset.get(),
+            len: raw.len.get(),
+            hash: ChunkHash(raw.hash),
+        }
+    }
 }
 
 fn chunk_count_bounds(total: u64, params: &ChunkerParams) -> (u64, u64) {
@@ -398,11 +404,7 @@ fn decode_page_body(
             ));
         }
         offset += u64::from(len);
-        entries.push(ChunkEntry {
-            offset: raw.offset.get(),
-            len,
-            hash: ChunkHash(raw.hash),
-        });
+        entries.push(ChunkEntry::from(raw));
     }
     if offset - page_ref.first_offset != page_ref.byte_len {
         return Err(ManifestError::Inconsistent(
