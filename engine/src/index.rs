@@ -282,6 +282,19 @@ impl ChunkFinder {
     }
 }
 
+/// Test builds only: SIGKILLs this process at the point named by
+/// `VIGO_TEST_CRASH`, for tests that run a store in a child process and
+/// check what the next open makes of it.
+#[cfg(test)]
+pub(crate) fn crash_point(name: &str) {
+    if std::env::var("VIGO_TEST_CRASH").as_deref() == Ok(name) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[cfg(not(test))]
+fn crash_point(_: &str) {}
+
 fn ierr(e: impl std::fmt::Display) -> StoreError {
     StoreError::CorruptIndex(e.to_string())
 }
@@ -376,6 +389,7 @@ impl Index {
                     tx.put_chunks(key, &mut rows)?;
                     rows.clear();
                     tx.commit_unsynced()?;
+                    crash_point("upgrade-batch");
                     tx = self.write()?;
                 }
             }
@@ -388,6 +402,7 @@ impl Index {
             .map_err(ierr)?
             .insert("format_version", STORE_FORMAT_VERSION)
             .map_err(ierr)?;
+        crash_point("upgrade-final");
         tx.commit()?;
         tracing::info!(
             "store index upgraded: {pages} manifest pages indexed in {:.1} s",

@@ -2297,67 +2297,144 @@ mod tests {
         }
     }
 
+    const CHUNKS_V2_FOR_TESTS: redb::MultimapTableDefinition<&[u8; 32], &[u8; 44]> =
+        redb::MultimapTableDefinition::new("chunks");
+    const META_FOR_TESTS: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+    /// A store at `dir` holding one blob of `len` bytes, its index as format
+    /// `version` (1 or 2) left it: chunk locations in the `chunks` multimap,
+    /// no chunk rows, no row numbers. Returns the blob and its manifest
+    /// pages.
+    fn older_store(dir: &Path, options: StoreOptions, len: usize, version: u64) -> (BlobId, usize) {
+        let path = dir.with_extension("in");
+        fs::write(&path, data(len, version)).unwrap();
+        let (id, pages) = {
+            let store = Store::open(dir, options).unwrap();
+            let id = store
+                .add_file(&path, &Owner::new(0, "test"), None)
+                .unwrap()
+                .id;
+            (id, store.manifest(&id).unwrap().root.pages.len())
+        };
+        let db = redb::Database::open(dir.join(INDEX_FILE)).unwrap();
+        let tx = db.begin_write().unwrap();
+        for table in ["chunk_rows", "row_numbers", "numbered_rows"] {
+            assert!(
+                tx.delete_table(redb::TableDefinition::<(), ()>::new(table))
+                    .unwrap()
+            );
+        }
+        tx.open_multimap_table(CHUNKS_V2_FOR_TESTS)
+            .unwrap()
+            .insert(&[1; 32], &[2; 44])
+            .unwrap();
+        let mut m = tx.open_table(META_FOR_TESTS).unwrap();
+        m.insert("format_version", version).unwrap();
+        m.remove("next_row_number").unwrap();
+        drop(m);
+        tx.commit().unwrap();
+        (id, pages)
+    }
+
+    /// `store` is at format 3 and finds every chunk of blob `id` (and, once
+    /// it is removed, holds no chunk row or row number).
+    fn assert_upgraded(store: &Store, id: &BlobId, why: &str) {
+        let manifest = store.manifest(id).unwrap();
+        let other = same_chunks_other_blob(&manifest);
+        let plan = store.plan(&other).unwrap();
+        assert_eq!(
+            (plan.held_chunks, plan.missing_chunks),
+            (manifest.root.chunk_count, 0),
+            "{why}"
+        );
+        {
+            let tx = redb::ReadableDatabase::begin_read(store.index.db_for_tests()).unwrap();
+            let found =
+                redb::ReadableTable::get(&tx.open_table(META_FOR_TESTS).unwrap(), "format_version")
+                    .unwrap()
+                    .unwrap()
+                    .value();
+            assert_eq!(found, crate::index::STORE_FORMAT_VERSION, "{why}");
+            assert!(
+                tx.open_multimap_table(CHUNKS_V2_FOR_TESTS).is_err(),
+                "{why}: `chunks` dropped"
+            );
+        }
+        store.remove(id).unwrap();
+        assert_eq!(store.index.chunk_rows_for_tests(), (0, 0), "{why}");
+    }
+
     #[test]
     fn older_stores_are_upgraded_in_place() {
-        let chunks_v2 = redb::MultimapTableDefinition::<&[u8; 32], &[u8; 44]>::new("chunks");
-        let meta = redb::TableDefinition::<&str, u64>::new("meta");
         for version in [1, 2] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path().join("s");
-            let path = tmp.path().join("in");
-            fs::write(&path, data(PAGE_CHUNKS_USIZE * 1024 + 4321, version)).unwrap();
-            let id = {
-                let store = Store::open(&dir, small_chunks()).unwrap();
-                store
-                    .add_file(&path, &Owner::new(0, "test"), None)
-                    .unwrap()
-                    .id
-            };
-            {
-                // As the older version left it: chunk locations in the
-                // `chunks` multimap, no chunk rows, no row numbers.
-                let db = redb::Database::open(dir.join(INDEX_FILE)).unwrap();
-                let tx = db.begin_write().unwrap();
-                for table in ["chunk_rows", "row_numbers", "numbered_rows"] {
-                    assert!(
-                        tx.delete_table(redb::TableDefinition::<(), ()>::new(table))
-                            .unwrap()
-                    );
-                }
-                tx.open_multimap_table(chunks_v2)
-                    .unwrap()
-                    .insert(&[1; 32], &[2; 44])
-                    .unwrap();
-                let mut m = tx.open_table(meta).unwrap();
-                m.insert("format_version", version).unwrap();
-                m.remove("next_row_number").unwrap();
-                drop(m);
-                tx.commit().unwrap();
-            }
-            let store = Store::open(&dir, small_chunks()).unwrap();
-            let manifest = store.manifest(&id).unwrap();
-            let other = same_chunks_other_blob(&manifest);
-            let plan = store.plan(&other).unwrap();
-            assert_eq!(
-                (plan.held_chunks, plan.missing_chunks),
-                (manifest.root.chunk_count, 0),
-                "from version {version}"
+            let (id, _) = older_store(
+                &dir,
+                small_chunks(),
+                PAGE_CHUNKS_USIZE * 1024 + 4321,
+                version,
             );
-            {
-                let tx = redb::ReadableDatabase::begin_read(store.index.db_for_tests()).unwrap();
-                let found =
-                    redb::ReadableTable::get(&tx.open_table(meta).unwrap(), "format_version")
-                        .unwrap()
-                        .unwrap()
-                        .value();
-                assert_eq!(found, crate::index::STORE_FORMAT_VERSION);
-                assert!(
-                    tx.open_multimap_table(chunks_v2).is_err(),
-                    "`chunks` dropped"
-                );
+            let store = Store::open(&dir, small_chunks()).unwrap();
+            assert_upgraded(&store, &id, &format!("from version {version}"));
+        }
+    }
+
+    /// An upgrade killed midway (after a batch of rows, or just before its
+    /// final commit) leaves a store the next open upgrades again, whole.
+    /// The kill is a SIGKILL of a child process (this test binary again) at
+    /// the named crash point.
+    #[test]
+    fn an_upgrade_killed_midway_is_done_again_at_the_next_open() {
+        let options = || StoreOptions {
+            // Many manifest pages from little data: more than one batch.
+            chunker: ChunkerParams::with_avg(256).unwrap(),
+            ..StoreOptions::default()
+        };
+        if let Ok(dir) = std::env::var("VIGO_TEST_UPGRADE_DIR") {
+            // The child: the open upgrades, and is killed on the way.
+            let opened = Store::open(Path::new(&dir), options()).map(|_| ());
+            panic!("the child was not killed (open: {opened:?})");
+        }
+        // FastCDC's chunks average ~300 bytes with these parameters: more
+        // pages than one batch for the kill after a batch, one page else.
+        let pages_for = |point| match point {
+            "upgrade-batch" => PAGES_PER_TX as usize + 4,
+            _ => 1,
+        };
+        for point in ["upgrade-batch", "upgrade-final"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("s");
+            let len = pages_for(point) * PAGE_CHUNKS_USIZE * 300;
+            let (id, pages) = older_store(&dir, options(), len, 2);
+            if point == "upgrade-batch" {
+                assert!(pages > PAGES_PER_TX as usize, "{pages} pages");
             }
-            store.remove(&id).unwrap();
-            assert_eq!(store.index.chunk_rows_for_tests(), (0, 0));
+            // This test binary again, under the emulator the suite runs
+            // under (`VIGO_TEST_RUNNER`, as the agent's tests use it).
+            let runner = std::env::var("VIGO_TEST_RUNNER").unwrap_or_default();
+            let mut argv: Vec<std::ffi::OsString> =
+                runner.split_whitespace().map(Into::into).collect();
+            argv.push(std::env::current_exe().unwrap().into());
+            let status = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .args([
+                    "--exact",
+                    "store::tests::an_upgrade_killed_midway_is_done_again_at_the_next_open",
+                    "--test-threads=1",
+                ])
+                .env("VIGO_TEST_UPGRADE_DIR", &dir)
+                .env("VIGO_TEST_CRASH", point)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(nix::sys::signal::Signal::SIGKILL as i32),
+                "the child was killed at {point}: {status:?}"
+            );
+            let store = Store::open(&dir, options()).unwrap();
+            assert_upgraded(&store, &id, &format!("killed at {point}"));
         }
     }
 }
