@@ -5,6 +5,7 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -120,13 +121,13 @@ pub(crate) fn store_dir(g: &Global) -> PathBuf {
     g.store.clone().unwrap_or_else(default_store_dir)
 }
 
-fn open_store(g: &Global) -> Result<Store, u8> {
+fn open_store(g: &Global) -> Result<Arc<Store>, u8> {
     let dir = store_dir(g);
     let options = StoreOptions {
         io: g.io,
         ..StoreOptions::default()
     };
-    Store::open(&dir, options).map_err(|e| {
+    Store::open(&dir, options).map(Arc::new).map_err(|e| {
         eprintln!("envoy: cannot open store at {}: {e}", dir.display());
         exit::ERROR
     })
@@ -200,7 +201,7 @@ pub fn run(g: &Global, cmd: StoreCommand) -> u8 {
 }
 
 /// Runs one store command against an open store.
-pub fn execute(store: &Store, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<(), u8> {
+pub fn execute(store: &Arc<Store>, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Result<(), u8> {
     let g = &*ctx;
     let json_out = g.json;
     let to = g.progress.clone();

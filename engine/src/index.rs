@@ -191,6 +191,19 @@ pub struct ChunkFinder {
     /// newest first: a blob that shares content shares runs of chunks, so
     /// consecutive lookups mostly land in the same page.
     cache: std::cell::RefCell<std::collections::VecDeque<(u64, u32, Vec<u8>)>>,
+    /// The last copy found: the next lookup tries the chunk after it
+    /// before scanning rows.
+    last: std::cell::Cell<Option<FoundRow>>,
+}
+
+/// Where a [`ChunkFinder`] found a copy: chunk `index` of the pages under
+/// row key `key` (numbered `number`), held by sealed `blob`.
+#[derive(Clone, Copy)]
+struct FoundRow {
+    number: u64,
+    key: [u8; 32],
+    blob: BlobId,
+    index: u64,
 }
 
 /// Manifest pages a [`ChunkFinder`] keeps (~180 KB each).
@@ -205,6 +218,26 @@ impl ChunkFinder {
         exclude: &BlobId,
         skip: &HashSet<BlobId>,
     ) -> Result<Option<ChunkLocation>, StoreError> {
+        // Content shared between blobs comes in runs: the chunk after the
+        // last one found is the likeliest copy, and its page entry (cached)
+        // is checked without scanning rows or looking up its blob again (it
+        // was complete in this snapshot).
+        if let Some(last) = self.last.get()
+            && last.blob != *exclude
+            && !skip.contains(&last.blob)
+            && let Some(e) = self.entry(last.number, &last.key, last.index + 1)?
+            && e.hash == *hash
+        {
+            self.last.set(Some(FoundRow {
+                index: last.index + 1,
+                ..last
+            }));
+            return Ok(Some(ChunkLocation {
+                blob: last.blob,
+                offset: e.offset,
+                len: e.len,
+            }));
+        }
         let prefix = hash_prefix(hash);
         for row in self
             .rows
@@ -239,6 +272,12 @@ impl ChunkFinder {
             if let Some(e) = self.entry(number, &key, index)?
                 && e.hash == *hash
             {
+                self.last.set(Some(FoundRow {
+                    number,
+                    key,
+                    blob,
+                    index,
+                }));
                 return Ok(Some(ChunkLocation {
                     blob,
                     offset: e.offset,
@@ -538,6 +577,7 @@ impl Index {
             owners: tx.open_table(ROW_KEY_BLOBS).map_err(ierr)?,
             pages: tx.open_table(PAGES).map_err(ierr)?,
             cache: Default::default(),
+            last: Default::default(),
         })
     }
 

@@ -628,30 +628,46 @@ fn corruption_is_found_quarantined_and_cured_by_re_adding() {
     );
 }
 
-/// Delta assembly copies from a local blob and verifies each copy: a source
-/// found corrupt at rest is quarantined and nothing more is copied from it
-/// in that assembly (the rest of its page included, though the finder's
-/// snapshot predates the quarantine); those chunks stay missing.
-#[test]
-fn delta_assembly_stops_copying_from_a_source_found_corrupt() {
-    let params = ChunkerParams::with_avg(1024).unwrap();
+/// Where the batches of local copies of `entries` end (one manifest page).
+fn batch_ends_of(entries: &[ChunkEntry]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut bytes = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        bytes += u64::from(e.len);
+        if bytes >= engine::store::LOCAL_COPY_BATCH_BYTES {
+            ends.push(i + 1);
+            bytes = 0;
+        }
+    }
+    ends.push(entries.len());
+    ends
+}
+
+/// A delta assembly from a local blob whose sealed file `damage` changed:
+/// returns the chunks still missing afterwards, whether the old blob was
+/// quarantined, and where the batches of copies ended.
+fn assemble_from_damaged_source(
+    damage: impl FnOnce(&mut Vec<u8>, &[ChunkEntry]),
+) -> (Vec<u64>, engine::store::DeltaPlan, bool, Vec<usize>) {
+    let params = ChunkerParams::with_avg(2048).unwrap();
     let mut rng = StdRng::seed_from_u64(12);
-    let data = random(&mut rng, 1 << 20);
+    // Three batches of local copies, one manifest page.
+    let data = random(&mut rng, 5 << 20);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
     let options = StoreOptions {
         chunker: params,
         ..StoreOptions::default()
     };
-    let store = Store::open(&dir, options).unwrap();
+    let store = std::sync::Arc::new(Store::open(&dir, options).unwrap());
     let old = add_bytes(&store, tmp.path(), "old", &data).id;
     let entries = store.manifest(&old).unwrap().entries().unwrap();
-    // Well inside the first manifest page, with chunks after it there.
-    let victim = 100usize;
-    assert!(entries.len() > 2 * victim, "{} chunks", entries.len());
+    assert!(entries.len() < 4096, "one page: {} chunks", entries.len());
+    let ends = batch_ends_of(&entries);
+    assert!(ends.len() == 3 && ends[0] > 200, "{ends:?}");
     let blob = dir.join("blobs").join(old.to_hex());
     let mut bytes = fs::read(&blob).unwrap();
-    bytes[entries[victim].offset as usize + 3] ^= 1;
+    damage(&mut bytes, &entries);
     // Tests may rewrite a sealed file: nothing maps it right now.
     fs::write(&blob, &bytes).unwrap();
 
@@ -662,18 +678,54 @@ fn delta_assembly_stops_copying_from_a_source_found_corrupt() {
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &new);
     store.begin_partial(&m, &owner()).unwrap();
     let plan = store.assemble_local(&m.id()).unwrap();
-    assert_eq!(
-        plan.held_chunks, victim as u64,
-        "copied exactly the chunks before the corrupt one: {plan:?}"
-    );
-    assert_eq!(
-        store.info(&old).unwrap().state,
-        BlobState::Quarantined,
-        "the corrupt source is quarantined"
-    );
     let missing = store.missing_chunks(&m.id()).unwrap();
-    assert_eq!(missing.first(), Some(&(victim as u64)));
     assert_eq!(missing.len() as u64, plan.missing_chunks);
+    assert_eq!(
+        plan.held_chunks + plan.missing_chunks,
+        m.root.chunk_count,
+        "{plan:?}"
+    );
+    let quarantined = store.info(&old).unwrap().state == BlobState::Quarantined;
+    (missing, plan, quarantined, ends)
+}
+
+/// Delta assembly copies from a local blob and verifies each copy: a source
+/// found corrupt at rest is quarantined and nothing more is copied from it
+/// once the next batch is under way (the rest of its page included, though
+/// the finder's snapshot predates the quarantine: that batch was looked up
+/// while the first was being checked); the corrupt chunk and those after
+/// stay missing. The other chunks copied matched the manifest, so they are
+/// kept.
+#[test]
+fn delta_assembly_stops_copying_from_a_source_found_corrupt() {
+    let victim = 100usize;
+    let (missing, plan, quarantined, ends) = assemble_from_damaged_source(|bytes, entries| {
+        bytes[entries[victim].offset as usize + 3] ^= 1;
+    });
+    assert!(quarantined, "the corrupt source is quarantined");
+    assert_eq!(plan.held_chunks, ends[1] as u64 - 1, "{plan:?}");
+    let chunks = ends[2] as u64;
+    let expected: Vec<u64> = std::iter::once(victim as u64)
+        .chain(ends[1] as u64..chunks)
+        .collect();
+    assert_eq!(missing, expected);
+}
+
+/// A sealed file shorter than its manifest says is corrupt too: what lies
+/// past its end is not copied, the blob is quarantined, and the assembly
+/// goes on (no error, no chunk claimed that was not read).
+#[test]
+fn delta_assembly_quarantines_a_truncated_source() {
+    let (missing, plan, quarantined, ends) = assemble_from_damaged_source(|bytes, entries| {
+        // Inside the second batch of copies.
+        bytes.truncate(entries[batch_ends_of(entries)[0] + 5].offset as usize);
+    });
+    assert!(quarantined, "the truncated source is quarantined");
+    assert_eq!(plan.held_chunks, ends[0] as u64, "{plan:?}");
+    assert_eq!(
+        missing,
+        (ends[0] as u64..ends[2] as u64).collect::<Vec<_>>()
+    );
 }
 
 #[test]

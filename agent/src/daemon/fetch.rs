@@ -223,20 +223,23 @@ pub(crate) async fn fetch(
             .context("refused up front (limits.reserve_bytes), nothing was fetched")?;
     }
     let lens = chunk_lens(&manifest)?;
-    let (before, missing) = {
+    let (before, missing, writer) = {
         let s = Arc::clone(&store);
         blocking(move || {
             s.begin_partial(&manifest, &owner)?;
             let before = s.missing_chunks(&id)?;
-            s.assemble_local(&id)?;
+            // The fetch goes on with the writer that copied local chunks:
+            // the pages it completed already have their chunk rows.
+            let writer = s.partial_writer(&id)?;
+            writer.assemble_local()?;
             let missing = s.missing_chunks(&id)?;
-            Ok::<_, StoreError>((before, missing))
+            Ok::<_, StoreError>((before, missing, writer))
         })
         .await?
     };
     // The whole manifest (tens of MB for a large blob) was just freed.
     crate::sys::release_free_heap();
-    let writer = Arc::new(store.partial_writer(&id)?);
+    let writer = Arc::new(writer);
     let _ = writer_slot.set(Arc::clone(&writer));
     let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
     let (before_bytes, missing_bytes) = (sum(&before), sum(&missing));

@@ -7,7 +7,6 @@
 //!   ring exists, so the pool owns them for its whole life).
 //! - `unix`: store lock with owner PID (`flock`), free space (`statvfs`),
 //!   opening a file for direct (cache-bypassing) writes, syncing a directory,
-//!   in-kernel copies (`copy_file_range` on Linux, read/write elsewhere),
 //!   vectored positional writes, starting writeback early,
 //!   memory maps of sealed files.
 //! - `uring` (Linux only): the io_uring writer and the probe that decides

@@ -221,67 +221,6 @@ pub fn set_direct(file: &File, on: bool) -> bool {
     !on
 }
 
-/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`
-/// inside the kernel where it can (`copy_file_range`: no userspace copy, a
-/// reflink on filesystems that share extents), else through a buffer.
-pub fn copy_range(
-    src: &File,
-    src_offset: u64,
-    dst: &File,
-    dst_offset: u64,
-    len: u64,
-) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut done = 0u64;
-        while done < len {
-            let mut from = (src_offset + done) as i64;
-            let mut to = (dst_offset + done) as i64;
-            match nix::fcntl::copy_file_range(
-                src,
-                Some(&mut from),
-                dst,
-                Some(&mut to),
-                (len - done) as usize,
-            ) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Ok(n) => done += n as u64,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(
-                    nix::errno::Errno::EXDEV
-                    | nix::errno::Errno::ENOSYS
-                    | nix::errno::Errno::EOPNOTSUPP,
-                ) if done == 0 => {
-                    return copy_range_buffered(src, src_offset, dst, dst_offset, len);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-    #[cfg(not(target_os = "linux"))]
-    copy_range_buffered(src, src_offset, dst, dst_offset, len)
-}
-
-fn copy_range_buffered(
-    src: &File,
-    src_offset: u64,
-    dst: &File,
-    dst_offset: u64,
-    len: u64,
-) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
-    let mut done = 0u64;
-    while done < len {
-        let n = buf.len().min((len - done) as usize);
-        src.read_exact_at(&mut buf[..n], src_offset + done)?;
-        dst.write_all_at(&buf[..n], dst_offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
 /// A read-only map of a sealed store file.
 ///
 /// Mapping is safe here only because of how the store treats sealed files:
