@@ -577,6 +577,55 @@ fn delta_fetch_moves_only_missing_chunks() {
     assert_eq!(fs::read(&out_path).unwrap(), new);
 }
 
+/// A local blob corrupt at rest is found out by the delta's check of each
+/// copy: it is quarantined, and the chunks it should have given are fetched
+/// from the peer instead; the blob fetched is right.
+#[test]
+fn delta_fetch_quarantines_a_local_blob_corrupt_at_rest_and_fetches_instead() {
+    let (a, b) = pair();
+    let old = random(16 << 20, 17);
+    let mut new = old.clone();
+    new[0] ^= 1;
+    let old_id = b.add(&b.file("old", &old));
+    let id = a.add(&a.file("new", &new));
+    let blob_file = find_file(
+        &b.dir.path().join("store"),
+        old_id.trim_start_matches("v1-b3-"),
+    )
+    .expect("B's blob file");
+    // One byte in place, 5 MiB in: past the first batch of local copies.
+    let at = 5 << 20;
+    let byte = fs::read(&blob_file).unwrap()[at] ^ 1;
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new().write(true).open(&blob_file).unwrap(),
+        &[byte],
+        at as u64,
+    )
+    .unwrap();
+    let out_path = b.dir.path().join("out.bin");
+    let out = b.fetch(&id, &[a.addr()], &out_path);
+    out.expect(OK);
+    assert_eq!(fs::read(&out_path).unwrap(), new);
+    let report = out.json();
+    let fetched = report["bytes_fetched"].as_u64().unwrap();
+    let local = report["bytes_local"].as_u64().unwrap();
+    assert_eq!(fetched + local, new.len() as u64, "{report}");
+    // The first chunk differs anyway; the corrupt one, and what was looked
+    // up after it was found, came from A; the rest (at least the first
+    // 4 MiB: two batches) was copied.
+    assert!(local >= 4 << 20 && fetched > 64 << 10, "{report}");
+    let ls = run(b.cmd(&["--json", "store", "ls"]));
+    ls.expect(OK);
+    let blobs = ls.json();
+    let state = blobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == old_id.as_str())
+        .map(|x| x["state"].clone());
+    assert_eq!(state, Some(Value::from("quarantined")), "{blobs}");
+}
+
 #[test]
 fn store_commands_go_through_the_running_daemon() {
     let (a, _b) = pair();
