@@ -223,27 +223,47 @@ pub(crate) async fn fetch(
             .context("refused up front (limits.reserve_bytes), nothing was fetched")?;
     }
     let lens = chunk_lens(&manifest)?;
-    let (before, missing, writer) = {
+    let (before, writer) = {
         let s = Arc::clone(&store);
         blocking(move || {
             s.begin_partial(&manifest, &owner)?;
             let before = s.missing_chunks(&id)?;
-            // The fetch goes on with the writer that copied local chunks:
-            // the pages it completed already have their chunk rows.
-            let writer = s.partial_writer(&id)?;
-            writer.assemble_local()?;
-            let missing = s.missing_chunks(&id)?;
-            Ok::<_, StoreError>((before, missing, writer))
+            // The fetch goes on with the writer that copies local chunks:
+            // the pages it completes already have their chunk rows.
+            Ok::<_, StoreError>((before, Arc::new(s.partial_writer(&id)?)))
         })
         .await?
     };
     // The whole manifest (tens of MB for a large blob) was just freed.
     crate::sys::release_free_heap();
-    let writer = Arc::new(writer);
-    let _ = writer_slot.set(Arc::clone(&writer));
     let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
-    let (before_bytes, missing_bytes) = (sum(&before), sum(&missing));
+    let before_bytes = sum(&before);
     let bytes_resumed = total - before_bytes;
+    // Local copies of a large blob take a while (the disk reads and writes
+    // every byte): the progress bar follows them.
+    let assembling = {
+        let w = Arc::clone(&writer);
+        tokio::task::spawn_blocking(move || w.assemble_local())
+    };
+    tokio::pin!(assembling);
+    loop {
+        tokio::select! {
+            done = &mut assembling => {
+                done.context("store task failed")??;
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let copied = writer.bytes_written().0;
+                progress("copying from local blobs", bytes_resumed + copied, total);
+            }
+        }
+    }
+    let missing = {
+        let s = Arc::clone(&store);
+        blocking(move || s.missing_chunks(&id)).await?
+    };
+    let _ = writer_slot.set(Arc::clone(&writer));
+    let missing_bytes = sum(&missing);
     let bytes_local = before_bytes - missing_bytes;
     drop(before);
     tracing::info!(
