@@ -404,7 +404,11 @@ pub fn execute(store: &Arc<Store>, ctx: &mut Ctx<'_>, cmd: StoreCommand) -> Resu
             let owner = Owner::new(uid, CLI_SUBSYSTEM);
             let state = store.begin_partial(&m, &owner).map_err(|e| fail(err, &e))?;
             let plan = if state == BlobState::Partial {
-                let plan = store.assemble_local(&id).map_err(|e| fail(err, &e))?;
+                let progress = Progress::default();
+                let plan = with_progress(&to, "copying from local blobs", &progress, || {
+                    store.assemble_local(&id, Some(&progress))
+                })
+                .map_err(|e| fail(err, &e))?;
                 if plan.missing_chunks == 0 {
                     store.seal_partial(&id).map_err(|e| fail(err, &e))?;
                 }

@@ -1353,9 +1353,10 @@ impl Store {
     pub fn assemble_local(
         self: &std::sync::Arc<Self>,
         id: &BlobId,
+        progress: Option<&Progress>,
     ) -> Result<DeltaPlan, StoreError> {
         match self.partial_writer(id) {
-            Ok(writer) => writer.assemble_local(),
+            Ok(writer) => writer.assemble_local(progress),
             Err(StoreError::NotPartial(_)) => Ok(DeltaPlan::default()),
             Err(e) => Err(e),
         }
@@ -1838,7 +1839,11 @@ impl PartialWriter {
     /// A batch's chunks are looked up before the batch two ahead of them is
     /// checked: a source found corrupt is still copied from (each copy
     /// checked all the same) in the batch after the one that found it.
-    pub fn assemble_local(&self) -> Result<DeltaPlan, StoreError> {
+    pub fn assemble_local(&self, progress: Option<&Progress>) -> Result<DeltaPlan, StoreError> {
+        if let Some(p) = progress {
+            p.done.store(0, Ordering::Relaxed);
+            p.total.store(self.root.total_bytes, Ordering::Relaxed);
+        }
         std::thread::scope(|scope| {
             let (to_writer, batches) = std::sync::mpsc::sync_channel::<LocalBatch>(1);
             let (to_reader, results) = std::sync::mpsc::channel();
@@ -1873,6 +1878,7 @@ impl PartialWriter {
                 copied: Vec::new(),
                 uncommitted: 0,
                 plan: DeltaPlan::default(),
+                progress,
                 times: LocalTimes::default(),
             };
             let started = std::time::Instant::now();
@@ -1894,7 +1900,7 @@ impl PartialWriter {
         })
     }
 
-    fn assemble_pages(&self, copy: &mut LocalCopy) -> Result<(), StoreError> {
+    fn assemble_pages(&self, copy: &mut LocalCopy<'_>) -> Result<(), StoreError> {
         let store = &self.store;
         let mut first = 0u64;
         for page in 0..self.root.pages.len() as u32 {
@@ -1904,8 +1910,7 @@ impl PartialWriter {
             let finder = store.index.chunk_finder()?;
             for (i, e) in entries.iter().enumerate() {
                 if bit(&bits, i) {
-                    copy.plan.held_chunks += 1;
-                    copy.plan.held_bytes += u64::from(e.len);
+                    copy.count(true, e.len);
                     continue;
                 }
                 // A blob quarantined by this call is still complete in the
@@ -1915,10 +1920,7 @@ impl PartialWriter {
                         copy.filling.push(first + i as u64, *e, loc);
                         copy.uncommitted += u64::from(e.len);
                     }
-                    None => {
-                        copy.plan.missing_chunks += 1;
-                        copy.plan.missing_bytes += u64::from(e.len);
-                    }
+                    None => copy.count(false, e.len),
                 }
                 if copy.filling.bytes >= LOCAL_COPY_BATCH_BYTES {
                     self.hand_over_local(copy)?;
@@ -2007,16 +2009,12 @@ impl PartialWriter {
         })?;
         copy.times.wait += started.elapsed();
         for (c, ok) in batch.chunks.iter().zip(verdicts?) {
-            let len = u64::from(c.entry.len);
+            copy.count(ok, c.entry.len);
             if ok {
                 copy.copied.push(c.index);
-                copy.times.copied_bytes += len;
-                copy.plan.held_chunks += 1;
-                copy.plan.held_bytes += len;
+                copy.times.copied_bytes += u64::from(c.entry.len);
                 continue;
             }
-            copy.plan.missing_chunks += 1;
-            copy.plan.missing_bytes += len;
             if copy.quarantined.insert(c.loc.blob) {
                 tracing::warn!(
                     "blob {} does not match its manifest at offset {}: quarantined",
@@ -2167,7 +2165,7 @@ impl LocalBatch {
 }
 
 /// What [`PartialWriter::assemble_local`] carries between batches.
-struct LocalCopy {
+struct LocalCopy<'p> {
     /// The batch being looked up.
     filling: LocalBatch,
     /// A settled batch's buffers, for the next one.
@@ -2188,7 +2186,28 @@ struct LocalCopy {
     /// Bytes of the chunks looked up since the last commit.
     uncommitted: u64,
     plan: DeltaPlan,
+    /// `plan`'s bytes, held and missing: how far the assembly got.
+    progress: Option<&'p Progress>,
     times: LocalTimes,
+}
+
+impl LocalCopy<'_> {
+    /// Counts a chunk of `len` bytes held (or missing) once assembled.
+    fn count(&mut self, held: bool, len: u32) {
+        let p = &mut self.plan;
+        match held {
+            true => {
+                (p.held_chunks, p.held_bytes) = (p.held_chunks + 1, p.held_bytes + u64::from(len))
+            }
+            false => {
+                (p.missing_chunks, p.missing_bytes) =
+                    (p.missing_chunks + 1, p.missing_bytes + u64::from(len))
+            }
+        }
+        if let Some(progress) = self.progress {
+            progress.done.fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Where [`PartialWriter::assemble_local`]'s own thread spent its time

@@ -232,11 +232,19 @@ fn delta_assembly_reuses_local_chunks_and_fetches_the_rest() {
             matches!(store.open_blob(&id), Err(StoreError::Incomplete(_))),
             "{label}"
         );
-        let plan = store.assemble_local(&id).unwrap();
+        let progress = engine::store::Progress::default();
+        let plan = store.assemble_local(&id, Some(&progress)).unwrap();
         assert_eq!(
             plan,
             oracle.plan(&m),
             "{label}: assembled exactly what the oracle holds"
+        );
+        let done = progress.done.load(std::sync::atomic::Ordering::Relaxed);
+        let total = progress.total.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            (done, total),
+            (m.root.total_bytes, m.root.total_bytes),
+            "{label}"
         );
         assert!(plan.missing_chunks > 0 && plan.held_chunks > 0);
         let missing = store.missing_chunks(&id).unwrap();
@@ -504,7 +512,7 @@ fn partial_writer_batches_commits_and_seals() {
         let oracle = MemStore::new(Chunker::new(params).unwrap());
         oracle.add(&data);
         store.begin_partial(&m2, &owner()).unwrap();
-        let plan = store.assemble_local(&m2.id()).unwrap();
+        let plan = store.assemble_local(&m2.id(), None).unwrap();
         assert_eq!(
             plan,
             oracle.plan(&m2),
@@ -677,7 +685,7 @@ fn assemble_from_damaged_source(
     *new.last_mut().unwrap() ^= 0xff;
     let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &new);
     store.begin_partial(&m, &owner()).unwrap();
-    let plan = store.assemble_local(&m.id()).unwrap();
+    let plan = store.assemble_local(&m.id(), None).unwrap();
     let missing = store.missing_chunks(&m.id()).unwrap();
     assert_eq!(missing.len() as u64, plan.missing_chunks);
     assert_eq!(

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use engine::hash::BlobId;
 use engine::manifest::{Manifest, ManifestLimits};
-use engine::store::{BlobState, Owner, PartialWriter, StoreError};
+use engine::store::{BlobState, Owner, PartialWriter, Progress, StoreError};
 use serde::Serialize;
 use substrate::sched::{BanReason, DataOutcome, Event, PeerCredit, PeerId, SchedConfig, Scheduler};
 use substrate::wire::{self, CloseCode, Frame, Hello, Limits, ManifestAssembler};
@@ -241,9 +241,10 @@ pub(crate) async fn fetch(
     let bytes_resumed = total - before_bytes;
     // Local copies of a large blob take a while (the disk reads and writes
     // every byte): the progress bar follows them.
+    let copying = Arc::new(Progress::default());
     let assembling = {
-        let w = Arc::clone(&writer);
-        tokio::task::spawn_blocking(move || w.assemble_local())
+        let (w, p) = (Arc::clone(&writer), Arc::clone(&copying));
+        tokio::task::spawn_blocking(move || w.assemble_local(Some(&p)))
     };
     tokio::pin!(assembling);
     loop {
@@ -252,10 +253,11 @@ pub(crate) async fn fetch(
                 done.context("store task failed")??;
                 break;
             }
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                let copied = writer.bytes_written().0;
-                progress("copying from local blobs", bytes_resumed + copied, total);
-            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => progress(
+                "copying from local blobs",
+                copying.done.load(Ordering::Relaxed),
+                copying.total.load(Ordering::Relaxed),
+            ),
         }
     }
     let missing = {
