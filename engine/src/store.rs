@@ -2017,7 +2017,7 @@ impl PartialWriter {
             }
             if copy.quarantined.insert(c.loc.blob) {
                 tracing::warn!(
-                    "blob {} does not match its manifest at offset {}: quarantined",
+                    "blob {} does not hold what its manifest says at offset {} (corrupt or cut short): quarantined",
                     c.loc.blob,
                     c.loc.offset
                 );
@@ -2128,8 +2128,11 @@ impl LocalBatch {
         store: &Store,
         sources: &mut HashMap<BlobId, File>,
     ) -> Result<(), StoreError> {
-        self.buf.clear();
-        self.buf.resize(self.bytes as usize, 0);
+        // Every byte of the batch is read (or its source marked unreadable)
+        // before it is used: the buffer is only grown, not cleared.
+        if self.buf.len() < self.bytes as usize {
+            self.buf.resize(self.bytes as usize, 0);
+        }
         let chunks = &self.chunks;
         let (mut at, mut i) = (0usize, 0usize);
         while i < chunks.len() {
