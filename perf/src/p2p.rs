@@ -96,7 +96,15 @@ const DISK_SLACK_BYTES: u64 = 2 << 30;
 /// sendme's receive store with its export (the receiver's copy is removed
 /// after every run; `sendme send` references the input, its store holds
 /// the outboard only, and is removed before the extra sources fill theirs).
+/// The delta phase holds as many: the input, the blob in the sender's and
+/// the receiver's stores, and the changed copy in both (its input file is
+/// removed once the sender has added it).
 const DISK_COPIES_MAX: u64 = 5;
+/// What the delta phase's copy of the input starts with instead.
+const DELTA_CHANGE: &[u8] = b"changed!";
+/// Bytes a fetch of that copy may move: the chunks the change touches
+/// (FastCDC's largest is 32 KiB; a change at the start touches one or two).
+const DELTA_FETCHED_MAX: u64 = 1 << 20;
 /// How long a daemon may take to answer `status` with its daemon line.
 const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon may take to exit after SIGTERM before it is killed.
@@ -158,6 +166,11 @@ pub struct P2pArgs {
     /// `multi_source_speedup` is then null.
     #[arg(long)]
     no_multi_source: bool,
+    /// Skip the delta phase (a copy of the blob with its first bytes
+    /// changed, fetched by a receiver holding the blob): `delta_vs_full` is
+    /// then null.
+    #[arg(long)]
+    no_delta: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -175,6 +188,10 @@ enum Kind {
     DdDirect,
     /// `envoy fetch` from three sources, each capped (multi-source phase).
     MultiSource,
+    /// `envoy fetch` of a copy of the blob whose first bytes differ, by a
+    /// receiver that holds the blob (delta phase): local copies, then the
+    /// few chunks that differ.
+    Delta,
 }
 
 impl Kind {
@@ -187,11 +204,15 @@ impl Kind {
             Kind::CpSync => "cp + sync (local copy)",
             Kind::DdDirect => "dd direct + fdatasync (disk)",
             Kind::MultiSource => "envoy fetch, 3 capped sources",
+            Kind::Delta => "envoy fetch, 8 bytes changed",
         }
     }
 
     fn is_ours(self) -> bool {
-        matches!(self, Kind::Fetch | Kind::FetchOut | Kind::MultiSource)
+        matches!(
+            self,
+            Kind::Fetch | Kind::FetchOut | Kind::MultiSource | Kind::Delta
+        )
     }
 }
 
@@ -301,6 +322,8 @@ struct P2p {
     sendme: Option<PathBuf>,
     input: InputFile,
     blob_id: String,
+    /// The delta phase's blob: the input with its first bytes changed.
+    delta_blob: Option<String>,
     work: WorkDir,
 }
 
@@ -386,6 +409,7 @@ pub fn run(args: P2pArgs) -> Result<()> {
         sendme,
         input,
         blob_id,
+        delta_blob: None,
         work,
     };
 
@@ -417,6 +441,23 @@ pub fn run(args: P2pArgs) -> Result<()> {
     }
     let mut contenders: Vec<Contender> = kinds.into_iter().map(Contender::new).collect();
     run_rounds(&mut p2p, &mut contenders, args.common.runs)?;
+
+    if args.no_delta {
+        report.notes.push(
+            "--no-delta: the delta phase did not run, delta_vs_full was not measured (null)"
+                .to_owned(),
+        );
+    } else {
+        eprintln!(
+            "delta phase: the receiver holds the blob, the sender also a copy whose first {} bytes differ",
+            DELTA_CHANGE.len()
+        );
+        p2p.start_delta().context("setting up the delta phase")?;
+        let mut delta = vec![Contender::new(Kind::Delta)];
+        run_rounds(&mut p2p, &mut delta, args.common.runs)?;
+        p2p.stop_delta().context("ending the delta phase")?;
+        contenders.extend(delta);
+    }
 
     let mut cap_used = None;
     if args.no_multi_source {
@@ -1115,10 +1156,10 @@ impl P2p {
         let first_sender = [self.sender.status.listen.clone()];
         match kind {
             Kind::Iperf3 => self.iperf3_once(),
-            Kind::Fetch => self.fetch_once(&first_sender, None, warm_up),
+            Kind::Fetch => self.fetch_once(&first_sender, None, warm_up, false),
             Kind::FetchOut => {
                 let out = self.work.path().join("fetched.bin");
-                self.fetch_once(&first_sender, Some(&out), warm_up)
+                self.fetch_once(&first_sender, Some(&out), warm_up, false)
             }
             Kind::Sendme => self.sendme_once(warm_up),
             Kind::CpSync | Kind::DdDirect => {
@@ -1142,9 +1183,82 @@ impl P2p {
                     "the multi-source phase has no extra sources running"
                 );
                 let all: Vec<String> = self.sources().map(|s| s.status.listen.clone()).collect();
-                self.fetch_once(&all, None, warm_up)
+                self.fetch_once(&all, None, warm_up, false)
             }
+            Kind::Delta => self.fetch_once(&first_sender, None, warm_up, true),
         }
+    }
+
+    /// Sets up the delta phase: the receiver fetches the blob and keeps it
+    /// (untimed), and the sender adds a copy of the input whose first bytes
+    /// are [`DELTA_CHANGE`] (through its daemon; the copy is removed once
+    /// added, so the disk holds no more copies than [`DISK_COPIES_MAX`]).
+    fn start_delta(&mut self) -> Result<()> {
+        let size = self.input.size;
+        let fetched = harness::run_timed(
+            self.receiver
+                .command(&self.envoy)
+                .args(["--json", "fetch", &self.blob_id, "--from"])
+                .arg(&self.sender.status.listen),
+            false,
+            harness::run_deadline(size),
+        )
+        .context("the receiver fetching the blob it is to hold")?;
+        let fetched = parse_fetch_output(&fetched.stdout)?;
+        ensure!(
+            fetched.id == self.blob_id && fetched.size == size,
+            "CORRECTNESS BUG: envoy fetch reported blob {} of {} bytes, we asked for {} of {size}",
+            fetched.id,
+            fetched.size,
+            self.blob_id
+        );
+        let copy = self.work.path().join("input-delta.bin");
+        std::fs::copy(&self.input.path, &copy)
+            .with_context(|| format!("cannot copy the input to {}", copy.display()))?;
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(&copy)?,
+            &DELTA_CHANGE[..DELTA_CHANGE.len().min(size as usize)],
+            0,
+        )
+        .with_context(|| format!("cannot change {}", copy.display()))?;
+        let added = harness::run_timed(
+            self.sender
+                .command(&self.envoy)
+                .args(["--json", "store", "add"])
+                .arg(&copy),
+            false,
+            harness::run_deadline(size),
+        )
+        .context("the sender adding the changed copy")?;
+        let add: AddOutput = serde_json::from_str(added.stdout.trim())
+            .with_context(|| format!("envoy --json store add printed {:?}", added.stdout))?;
+        ensure!(
+            add.size == size && add.id != self.blob_id,
+            "CORRECTNESS BUG: the changed copy was added as {} of {} bytes (the blob is {} of {size})",
+            add.id,
+            add.size,
+            self.blob_id
+        );
+        harness::remove_path(&copy)?;
+        self.delta_blob = Some(add.id);
+        Ok(())
+    }
+
+    /// Ends the delta phase: the changed copy leaves the sender, the blob
+    /// the receiver (untimed), before the multi-source phase fills stores.
+    fn stop_delta(&mut self) -> Result<()> {
+        let Some(changed) = self.delta_blob.take() else {
+            return Ok(());
+        };
+        for (daemon, id) in [(&self.sender, &changed), (&self.receiver, &self.blob_id)] {
+            harness::run_timed(
+                daemon.command(&self.envoy).args(["store", "rm", id]),
+                false,
+                COMMAND_DEADLINE,
+            )
+            .with_context(|| format!("removing {id} from the {}", daemon.role))?;
+        }
+        Ok(())
     }
 
     /// Every sending daemon: the first sender, then the extra sources.
@@ -1215,12 +1329,23 @@ impl P2p {
     /// One `envoy fetch` of the blob from the sending daemons listening on
     /// `from`, into the receiver's store (and to `out_path`), checked, then
     /// removed from the receiver again.
+    /// One timed `envoy fetch` of the blob, or with `delta` of the delta
+    /// phase's changed copy (most of it then copied from the blob the
+    /// receiver holds), removed from the receiver afterwards.
     fn fetch_once(
         &mut self,
         from: &[String],
         out_path: Option<&Path>,
         warm_up: bool,
+        delta: bool,
     ) -> Result<Sample> {
+        let blob_id = match delta {
+            true => self
+                .delta_blob
+                .clone()
+                .context("the delta phase has no changed copy")?,
+            false => self.blob_id.clone(),
+        };
         self.receiver.check_alive()?;
         let mut named = 0;
         for source in self.sources_mut() {
@@ -1240,7 +1365,7 @@ impl P2p {
         }
         let mut command = self.receiver.command(&self.envoy);
         command
-            .args(["--json", "fetch", &self.blob_id, "--from"])
+            .args(["--json", "fetch", &blob_id, "--from"])
             .arg(from.join(","));
         if let Some(path) = out_path {
             command.arg("--out").arg(path);
@@ -1264,10 +1389,9 @@ impl P2p {
         })?;
         let fetched = parse_fetch_output(&outcome.stdout)?;
         ensure!(
-            fetched.id == self.blob_id,
-            "envoy fetch reported blob {}, we asked for {}",
+            fetched.id == blob_id,
+            "envoy fetch reported blob {}, we asked for {blob_id}",
             fetched.id,
-            self.blob_id
         );
         ensure!(
             fetched.size == self.input.size,
@@ -1275,8 +1399,20 @@ impl P2p {
             fetched.size,
             self.input.size
         );
+        let local = fetched.bytes_local.unwrap_or(0);
         ensure!(
-            !fetched.already_complete && fetched.bytes_fetched >= self.input.size,
+            !delta
+                || (!fetched.already_complete
+                    && fetched.bytes_fetched + local == self.input.size
+                    && fetched.bytes_fetched <= DELTA_FETCHED_MAX),
+            "the delta fetch moved {} bytes and copied {local} locally (already_complete {}): \
+             a copy differing in its first {} bytes should move at most {DELTA_FETCHED_MAX}",
+            fetched.bytes_fetched,
+            fetched.already_complete,
+            DELTA_CHANGE.len()
+        );
+        ensure!(
+            delta || (!fetched.already_complete && fetched.bytes_fetched >= self.input.size),
             "the receiver did not fetch the whole blob (already_complete {}, bytes_fetched {}, \
              bytes_local {:?}, bytes_resumed {:?}): `store rm` between runs left it or its chunks \
              behind, so the run measured no full transfer",
@@ -1333,7 +1469,7 @@ impl P2p {
         harness::run_timed(
             self.receiver
                 .command(&self.envoy)
-                .args(["store", "rm", &self.blob_id]),
+                .args(["store", "rm", &blob_id]),
             false,
             COMMAND_DEADLINE,
         )
@@ -1530,6 +1666,7 @@ fn summarize(
         Kind::CpSync,
         Kind::DdDirect,
         Kind::MultiSource,
+        Kind::Delta,
     ] {
         let Some(c) = find(kind) else {
             report.results.push(ResultRow::new(kind.name(), &[]));
@@ -1594,6 +1731,7 @@ fn summarize(
     let vs_cp_sync = ratio(median(Kind::CpSync), fetch);
     let out_vs_cp_sync = ratio(median(Kind::CpSync), fetch_out);
     let vs_dd_direct = ratio(median(Kind::DdDirect), fetch);
+    let delta_vs_full = ratio(fetch, median(Kind::Delta));
     let fetch_cpu = |of: fn(&Contender) -> &Vec<f64>| {
         find(Kind::Fetch)
             .and_then(|c| Stats::of(of(c)))
@@ -1604,7 +1742,7 @@ fn summarize(
     let dd_gb_per_s = median(Kind::DdDirect)
         .filter(|s| *s > 0.0)
         .map(|s| size as f64 / s / GB);
-    let rss = [Kind::Fetch, Kind::FetchOut, Kind::MultiSource]
+    let rss = [Kind::Fetch, Kind::FetchOut, Kind::MultiSource, Kind::Delta]
         .into_iter()
         .filter_map(|k| find(k).and_then(|c| c.peak_rss_anon_bytes))
         .max()
@@ -1625,6 +1763,7 @@ fn summarize(
     ratios.insert("p2p_out_vs_cp_sync".to_owned(), out_vs_cp_sync);
     ratios.insert("p2p_vs_dd_direct".to_owned(), vs_dd_direct);
     ratios.insert("disk_durable_gb_per_s".to_owned(), dd_gb_per_s);
+    ratios.insert("delta_vs_full".to_owned(), delta_vs_full);
     ratios.insert("receiver_cpu_s_per_gb".to_owned(), receiver_cpu_s_per_gb);
     ratios.insert("machine_cpu_s_per_gb".to_owned(), machine_cpu_s_per_gb);
     report.ratios.extend(ratios);
@@ -1708,6 +1847,17 @@ fn summarize(
          sets its pace"
             .to_owned(),
     );
+    if delta_vs_full.is_some() {
+        report.notes.push(format!(
+            "delta_vs_full = the median time of the uncapped `envoy fetch` (one source) / the \
+             median time of `envoy fetch` (sealed) of a copy of the blob whose first {} bytes \
+             differ, by a receiver that holds the blob (fetched before, untimed; written with \
+             direct IO, so not in its page cache): the receiver copies every chunk but the first \
+             from its own blob, checking each, and fetches the rest; run after the first \
+             contenders with one warm-up run",
+            DELTA_CHANGE.len()
+        ));
+    }
     report.notes.push(
         "io_backend is null for baselines (iperf3, sendme): they run no Vigo IO backend".to_owned(),
     );
