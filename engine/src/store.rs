@@ -325,6 +325,10 @@ pub struct Store {
     seal_lock: Mutex<()>,
     /// Serializes writes to one partial blob (presence read-modify-write).
     partial_lock: Mutex<()>,
+    /// The live writer of each partial blob: everyone writing one blob (a
+    /// fetch, its local copies, `store assemble`) shares its claims and its
+    /// sealed flag, so no one writes a file another has sealed.
+    writers: Mutex<HashMap<BlobId, std::sync::Weak<PartialWriter>>>,
     temp_seq: AtomicU64,
     _lock: sys::DirLock,
 }
@@ -390,6 +394,7 @@ impl Store {
             chunker,
             seal_lock: Mutex::new(()),
             partial_lock: Mutex::new(()),
+            writers: Mutex::new(HashMap::new()),
             temp_seq: AtomicU64::new(0),
             _lock: lock,
         };
@@ -1365,8 +1370,19 @@ impl Store {
     /// Seals a partial blob whose chunks are all present: fsync, rename into
     /// `blobs/`, fsync the directory, then commit it complete with its chunk
     /// locations. Refuses while chunks are missing.
+    ///
+    /// Through the blob's live writer if it has one, so that none of its
+    /// users writes the file once sealed.
     pub fn seal_partial(&self, id: &BlobId) -> Result<(), StoreError> {
-        self.seal_partial_with_rows(id, &[])
+        let writers = self.writers.lock().expect("writers poisoned");
+        match writers.get(id).and_then(std::sync::Weak::upgrade) {
+            Some(writer) => {
+                drop(writers);
+                writer.seal()
+            }
+            // Held while sealing: no writer starts on the file meanwhile.
+            None => self.seal_partial_with_rows(id, &[]),
+        }
     }
 
     /// [`Store::seal_partial`] for a blob whose pages flagged in `rows_done`
@@ -1663,11 +1679,16 @@ fn verify_and_write(
 }
 
 impl Store {
-    /// A writer for partial blob `id` (see [`Store::begin_partial`]).
+    /// The writer of partial blob `id` (see [`Store::begin_partial`]): the
+    /// one already in use if there is one, so that all who write the blob
+    /// share it.
     pub fn partial_writer(
         self: &std::sync::Arc<Self>,
         id: &BlobId,
-    ) -> Result<PartialWriter, StoreError> {
+    ) -> Result<std::sync::Arc<PartialWriter>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut writers = self.writers.lock().expect("writers poisoned");
+        writers.retain(|_, w| w.strong_count() > 0);
         let r = self.record(id)?;
         if r.state != BlobState::Partial {
             return Err(StoreError::NotPartial(*id));
@@ -1678,13 +1699,27 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(StoreError::io("cannot open", &path))?;
+        // The live writer of this very file, not of one removed since whose
+        // id came back (an unlinked file's inode number may be reused).
+        let inode = |f: &File| {
+            f.metadata()
+                .ok()
+                .filter(|m| m.nlink() > 0)
+                .map(|m| (m.dev(), m.ino()))
+        };
+        if let Some(w) = writers.get(id).and_then(std::sync::Weak::upgrade)
+            && inode(&w.file).is_some()
+            && inode(&w.file) == inode(&file)
+        {
+            return Ok(w);
+        }
         let runs = RunWriter::open(&path).map_err(StoreError::io("cannot open", &path))?;
         let chunk_count = r.root.chunk_count;
         let rows = RowsState {
             done: vec![false; r.root.pages.len()],
             completed: Vec::new(),
         };
-        Ok(PartialWriter {
+        let writer = std::sync::Arc::new(PartialWriter {
             store: std::sync::Arc::clone(self),
             id: *id,
             root: r.root,
@@ -1696,7 +1731,9 @@ impl Store {
             rows: Mutex::new(rows),
             timings: WriteTimings::default(),
             open: std::sync::RwLock::new(true),
-        })
+        });
+        writers.insert(*id, std::sync::Arc::downgrade(&writer));
+        Ok(writer)
     }
 }
 

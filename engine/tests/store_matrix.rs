@@ -96,7 +96,7 @@ fn begin_partial(
     dir: &Path,
     options: &StoreOptions,
     m: &Manifest,
-) -> (std::sync::Arc<Store>, PartialWriter) {
+) -> (std::sync::Arc<Store>, std::sync::Arc<PartialWriter>) {
     let store = std::sync::Arc::new(Store::open(&dir.join("s"), options.clone()).unwrap());
     store.begin_partial(m, &owner()).unwrap();
     let writer = store.partial_writer(&m.id()).unwrap();
@@ -415,6 +415,48 @@ fn duplicate_chunks_from_concurrent_writers_all_verify_and_seal() {
 /// that write the chunk rows of completed pages as they go, and a seal that
 /// writes the rest. Enough pages (tiny chunks) that both happen; every
 /// chunk must then be found for delta assembly, whichever wrote its row.
+/// Everyone writing one partial blob gets the same writer: a second
+/// `partial_writer` (a `store assemble` beside a fetch), the local copies
+/// and a seal through the store all share its claims and its sealed flag,
+/// so once sealed no one writes the file. A blob removed and begun again
+/// gets a writer of its own (the old one's file is gone).
+#[test]
+fn everyone_writing_a_partial_blob_shares_its_writer() {
+    let (params, data, m, entries) = chunked(1024, 21, 256 << 10);
+    let options = StoreOptions {
+        chunker: params,
+        ..StoreOptions::default()
+    };
+    let tmp = tempdir_on_disk();
+    let (store, fetch) = begin_partial(tmp.path(), &options, &m);
+    let assemble = store.partial_writer(&m.id()).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&fetch, &assemble));
+    let all: Vec<(u64, &[u8])> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i as u64, &data[e.offset as usize..e.end() as usize]))
+        .collect();
+    assert!(fetch.write_batch(&all).unwrap().iter().all(|ok| *ok));
+    let indices: Vec<u64> = (0..entries.len() as u64).collect();
+    fetch.commit(&indices).unwrap();
+    drop(assemble);
+    store.seal_partial(&m.id()).unwrap();
+    assert!(
+        matches!(fetch.write_batch(&all[..1]), Err(StoreError::NotPartial(_))),
+        "a writer still held is closed by a seal through the store"
+    );
+    assert_eq!(read_all(&store, &m.id()).unwrap(), data);
+
+    store.remove(&m.id()).unwrap();
+    store.begin_partial(&m, &owner()).unwrap();
+    let again = store.partial_writer(&m.id()).unwrap();
+    assert!(
+        !std::sync::Arc::ptr_eq(&fetch, &again),
+        "a blob begun again gets a writer of its own"
+    );
+    assert!(again.write_batch(&all).unwrap().iter().all(|ok| *ok));
+}
+
 #[test]
 fn partial_writer_batches_commits_and_seals() {
     let params = ChunkerParams::with_avg(256).unwrap();

@@ -230,7 +230,7 @@ pub(crate) async fn fetch(
             let before = s.missing_chunks(&id)?;
             // The fetch goes on with the writer that copies local chunks:
             // the pages it completes already have their chunk rows.
-            Ok::<_, StoreError>((before, Arc::new(s.partial_writer(&id)?)))
+            Ok::<_, StoreError>((before, s.partial_writer(&id)?))
         })
         .await?
     };

@@ -467,7 +467,7 @@ mod tests {
         rand::rngs::StdRng::seed_from_u64(3).fill_bytes(&mut data);
         let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
         store.begin_partial(&m, &Owner::new(0, "test")).unwrap();
-        let writer = Arc::new(store.partial_writer(&m.id()).unwrap());
+        let writer = store.partial_writer(&m.id()).unwrap();
         let (events, mut rx) = mpsc::unbounded_channel();
         let tap = Tap {
             peer: PeerId(7),
