@@ -27,13 +27,17 @@
 //!   record that fails authentication, a header that is not TLS 1.3's, a
 //!   length over 2^14 + 256) ends the connection with the reason. A peer
 //!   closing the socket without a close_notify is an error too (truncation).
+//!   The plaintext of the records before the bad one is still handed out
+//!   (the reader's error comes with the read after it), and the writer then
+//!   ends its direction with the fatal alert RFC 8446 names for the error
+//!   (`bad_record_mac`, `record_overflow`, …) instead of a close_notify.
 //! - Keys are replaced before the suite's confidentiality limit (AES-GCM: 2^24
 //!   records, RFC 8446 §5.5): the writer sends a KeyUpdate and goes on under the
 //!   next key; a KeyUpdate received is followed, and answered when it asks.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -56,6 +60,14 @@ const CONTENT_HANDSHAKE: u8 = 22;
 const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: [u8; 2] = [1, 0];
+const ALERT_FATAL: u8 = 2;
+// Fatal alert descriptions this end sends (RFC 8446 §6).
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_ILLEGAL_PARAMETER: u8 = 47;
+const ALERT_DECODE_ERROR: u8 = 50;
+const ALERT_INTERNAL_ERROR: u8 = 80;
 /// Sealed records the writer buffers before sending (the `BufWriter` it replaces had 256 KiB).
 const OUT_BYTES: usize = 256 << 10;
 /// Bytes the generic `AsyncRead` reads from the socket at a time.
@@ -87,10 +99,14 @@ impl<D: Send> Rekey for rustls::kernel::KernelConnection<D> {
 }
 
 /// What the two halves of a connection share: the key schedule, and the
-/// reader's word to the writer that the peer asked for a KeyUpdate.
+/// reader's word to the writer that the peer asked for a KeyUpdate or that
+/// the connection ends with a fatal alert.
 pub(crate) struct Shared {
     rekey: Mutex<Box<dyn Rekey>>,
     update_requested: AtomicBool,
+    /// The fatal alert the writer ends with instead of a close_notify (the
+    /// description; 0 while the reader has found nothing wrong).
+    alert: AtomicU8,
     /// The suite's confidentiality limit, in records per key.
     limit: u64,
 }
@@ -100,8 +116,18 @@ impl Shared {
         Arc::new(Shared {
             rekey: Mutex::new(rekey),
             update_requested: AtomicBool::new(false),
+            alert: AtomicU8::new(0),
             limit,
         })
+    }
+
+    /// The reader's error `why`, for which the writer ends with fatal alert
+    /// `description` (the first such error's, if there are several).
+    fn fatal(&self, description: u8, why: impl Into<String>) -> io::Error {
+        let _ = self
+            .alert
+            .compare_exchange(0, description, Ordering::AcqRel, Ordering::Acquire);
+        invalid(why)
     }
 
     /// The next key of one direction (after a KeyUpdate sent or received).
@@ -187,6 +213,9 @@ pub struct RecordReader<R> {
     shared: Arc<Shared>,
     /// A close_notify was received.
     closed: bool,
+    /// A record was refused after others of the same read were opened: the
+    /// error, for the next read, once their plaintext is handed out.
+    failed: Option<io::Error>,
     /// Records in a row that carried no data.
     empty_run: u32,
     /// What arrived with the end of the handshake: plaintext rustls had
@@ -215,6 +244,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             key,
             shared,
             closed,
+            failed: None,
             empty_run: 0,
             early_plain,
             early_raw,
@@ -236,6 +266,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         keeping: bool,
         max: usize,
     ) -> io::Result<bool> {
+        self.take_failure()?;
         let early = self.early_plain.len() + self.early_raw.len();
         if self.closed && early == 0 {
             return Ok(false);
@@ -278,86 +309,165 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         }
     }
 
+    /// The error of a record refused after others were opened, once their
+    /// plaintext is handed out (and for every read after it).
+    fn take_failure(&mut self) -> io::Result<()> {
+        match self.failed.take() {
+            None => Ok(()),
+            Some(e) => {
+                self.failed = Some(invalid("the TLS reader refused a record earlier"));
+                Err(e)
+            }
+        }
+    }
+
     /// Opens every complete record in `buf` after `plain` (where the
     /// plaintext ends; the partial record held from before follows it),
     /// moving each record's plaintext to the end of the plaintext, then the
     /// partial record left down behind it (less than one record: the framing
     /// of the records opened must not pile up in the held tail, which every
     /// batch handed over carries along). Returns where the plaintext ends and
-    /// where the bytes that matter end.
-    fn open(&mut self, buf: &mut [u8], mut plain: usize) -> io::Result<(usize, usize)> {
-        let mut raw = plain;
+    /// where the bytes that matter end. A record refused after others were
+    /// opened ends the plaintext there, and its error waits in `failed`.
+    fn open(&mut self, buf: &mut [u8], plain: usize) -> io::Result<(usize, usize)> {
+        let mut opened = plain;
+        match self.open_records(buf, &mut opened) {
+            Ok(end) => Ok((opened, end)),
+            Err(e) if opened > plain => {
+                self.failed = Some(e);
+                Ok((opened, opened))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Self::open`]'s loop: `plain` follows the plaintext's end, record by
+    /// record; returns where the bytes that matter end.
+    fn open_records(&mut self, buf: &mut [u8], plain: &mut usize) -> io::Result<usize> {
+        let shared = Arc::clone(&self.shared);
+        let mut raw = *plain;
         while !self.closed && buf.len() - raw >= HEADER_BYTES {
             let head: [u8; HEADER_BYTES] =
                 buf[raw..raw + HEADER_BYTES].try_into().expect("five bytes");
             if head[..3] != [CONTENT_APPLICATION_DATA, 3, 3] {
-                return Err(invalid(format!("not a TLS 1.3 record header: {head:02x?}")));
+                return Err(shared.fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    format!("not a TLS 1.3 record header: {head:02x?}"),
+                ));
             }
             let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-            if !(TAG_BYTES + 1..=CIPHERTEXT_MAX).contains(&len) {
-                return Err(invalid(format!("a TLS record of {len} bytes")));
+            if len > CIPHERTEXT_MAX {
+                return Err(shared.fatal(
+                    ALERT_RECORD_OVERFLOW,
+                    format!("a TLS record of {len} bytes"),
+                ));
+            }
+            if len <= TAG_BYTES {
+                return Err(
+                    shared.fatal(ALERT_DECODE_ERROR, format!("a TLS record of {len} bytes"))
+                );
             }
             let end = raw + HEADER_BYTES + len;
             if end > buf.len() {
                 break;
             }
-            let nonce = self.key.next_nonce()?;
+            let nonce = self
+                .key
+                .next_nonce()
+                .map_err(|e| shared.fatal(ALERT_INTERNAL_ERROR, e.to_string()))?;
             let opened = self
                 .key
                 .key
                 .open_within(
                     nonce,
                     aead::Aad::from(head),
-                    &mut buf[plain..end],
-                    raw + HEADER_BYTES - plain..,
+                    &mut buf[*plain..end],
+                    raw + HEADER_BYTES - *plain..,
                 )
-                .map_err(|_| invalid("a TLS record failed authentication"))?;
+                .map_err(|_| {
+                    shared.fatal(ALERT_BAD_RECORD_MAC, "a TLS record failed authentication")
+                })?;
             // The inner content type is the last byte that is not padding.
-            let inner = opened
-                .iter()
-                .rposition(|&b| b != 0)
-                .ok_or_else(|| invalid("a TLS record with no content type"))?;
+            let inner = opened.iter().rposition(|&b| b != 0).ok_or_else(|| {
+                shared.fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    "a TLS record with no content type",
+                )
+            })?;
             if inner > PLAINTEXT_MAX {
-                return Err(invalid(format!("a TLS record of {inner} plaintext bytes")));
+                return Err(shared.fatal(
+                    ALERT_RECORD_OVERFLOW,
+                    format!("a TLS record of {inner} plaintext bytes"),
+                ));
             }
             // Records that carry no data (empty ones, KeyUpdates) cost work
             // for nothing: a run of them is cut short, as rustls does.
             if inner == 0 || opened[inner] == CONTENT_HANDSHAKE {
                 self.empty_run += 1;
                 if self.empty_run > EMPTY_RECORDS_MAX {
-                    return Err(invalid("too many TLS records in a row without data"));
+                    return Err(shared.fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        "too many TLS records in a row without data",
+                    ));
                 }
             } else {
                 self.empty_run = 0;
             }
             match opened[inner] {
-                CONTENT_APPLICATION_DATA => plain += inner,
+                CONTENT_APPLICATION_DATA => *plain += inner,
                 CONTENT_ALERT if opened[..inner] == ALERT_CLOSE_NOTIFY => self.closed = true,
+                // The peer has ended the connection: nothing to answer.
                 CONTENT_ALERT => return Err(invalid(alert_text(&opened[..inner]))),
                 CONTENT_HANDSHAKE => self.key_update(&opened[..inner])?,
-                other => return Err(invalid(format!("a TLS record of content type {other}"))),
+                other => {
+                    return Err(shared.fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        format!("a TLS record of content type {other}"),
+                    ));
+                }
             }
             raw = end;
         }
         if self.closed {
-            return Ok((plain, plain));
+            return Ok(*plain);
         }
-        buf.copy_within(raw.., plain);
-        Ok((plain, plain + buf.len() - raw))
+        buf.copy_within(raw.., *plain);
+        Ok(*plain + buf.len() - raw)
     }
 
     /// A post-handshake message: only KeyUpdate (§4.6.3) is expected.
     fn key_update(&mut self, message: &[u8]) -> io::Result<()> {
         let request = match message {
             [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => *request,
-            [kind, ..] => {
-                return Err(invalid(format!(
-                    "an unexpected TLS handshake message (type {kind}) after the handshake"
-                )));
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, other] => {
+                return Err(self.shared.fatal(
+                    ALERT_ILLEGAL_PARAMETER,
+                    format!("a TLS KeyUpdate asking {other}"),
+                ));
             }
-            [] => return Err(invalid("an empty TLS handshake record")),
+            [HANDSHAKE_KEY_UPDATE, ..] => {
+                return Err(self
+                    .shared
+                    .fatal(ALERT_DECODE_ERROR, "a malformed TLS KeyUpdate"));
+            }
+            [kind, ..] => {
+                return Err(self.shared.fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    format!(
+                        "an unexpected TLS handshake message (type {kind}) after the handshake"
+                    ),
+                ));
+            }
+            [] => {
+                return Err(self
+                    .shared
+                    .fatal(ALERT_DECODE_ERROR, "an empty TLS handshake record"));
+            }
         };
-        self.key = self.shared.next_key(false)?;
+        self.key = self
+            .shared
+            .next_key(false)
+            .map_err(|e| self.shared.fatal(ALERT_INTERNAL_ERROR, e.to_string()))?;
         if request == 1 {
             self.shared.update_requested.store(true, Ordering::Release);
         }
@@ -381,6 +491,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
                 this.own_start += n;
                 return Poll::Ready(Ok(()));
             }
+            this.take_failure()?;
             let early = !this.early_plain.is_empty() || !this.early_raw.is_empty();
             if (this.closed && !early) || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -430,7 +541,7 @@ pub struct RecordWriter<W> {
     sent: usize,
     /// Where the record being filled starts (its header).
     open: Option<usize>,
-    close_notify_sent: bool,
+    ending_sent: bool,
     /// Records sealed under one key before a KeyUpdate.
     rekey_at: u64,
     /// Sealing or a key update failed: nothing more goes out (what is
@@ -446,7 +557,7 @@ impl<W: AsyncWrite + Unpin> RecordWriter<W> {
             out: Vec::with_capacity(OUT_BYTES + 2 * WIRE_MAX),
             sent: 0,
             open: None,
-            close_notify_sent: false,
+            ending_sent: false,
             failed: false,
             rekey_at: shared.limit.saturating_sub(KEY_UPDATE_MARGIN),
             shared,
@@ -573,7 +684,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check()?;
-        if this.close_notify_sent {
+        if this.ending_sent {
             return Poll::Ready(Err(invalid("write after the TLS close_notify")));
         }
         if data.is_empty() {
@@ -598,15 +709,20 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check()?;
-        if !this.close_notify_sent {
+        if !this.ending_sent {
+            // The reader's fatal alert if it refused a record, else a close_notify.
+            let alert = match this.shared.alert.load(Ordering::Acquire) {
+                0 => ALERT_CLOSE_NOTIFY,
+                description => [ALERT_FATAL, description],
+            };
             let sealed = this.seal(CONTENT_APPLICATION_DATA).and_then(|()| {
                 this.open = Some(this.out.len());
                 this.out.extend_from_slice(&[0; HEADER_BYTES]);
-                this.out.extend_from_slice(&ALERT_CLOSE_NOTIFY);
+                this.out.extend_from_slice(&alert);
                 this.seal(CONTENT_ALERT)
             });
             this.guard(sealed)?;
-            this.close_notify_sent = true;
+            this.ending_sent = true;
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
@@ -684,7 +800,10 @@ mod tests {
     }
 
     /// A byte changed on the wire after the handshake: the record fails
-    /// authentication and the reader says so; nothing after it is read.
+    /// authentication and the reader says so, after handing out what the
+    /// records before it carried; nothing after it is read. The server's
+    /// writer then ends with a `bad_record_mac` alert, which the client's
+    /// reader reports.
     #[tokio::test]
     async fn a_tampered_record_is_refused() {
         let pair = pair();
@@ -730,18 +849,110 @@ mod tests {
                 let (mut stream, _) = tls::accept(&config, tcp, TIMEOUT).await.unwrap();
                 let mut got = Vec::new();
                 let err = stream.read_to_end(&mut got).await.unwrap_err();
-                (err.to_string(), got.len())
+                let again = stream.read_u8().await.unwrap_err();
+                stream.shutdown().await.unwrap();
+                (err.to_string(), again.to_string(), got)
             }
         });
         let tcp = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut client, _) = tls::connect(&pair.client, tcp, TIMEOUT).await.unwrap();
-        let _ = client.write_all(&data(1 << 20)).await;
+        let sent = data(1 << 20);
+        let _ = client.write_all(&sent).await;
         let _ = client.shutdown().await;
-        let (err, read) = server.await.unwrap();
+        let (err, again, read) = server.await.unwrap();
         assert!(err.contains("failed authentication"), "{err}");
+        assert!(again.contains("refused a record earlier"), "{again}");
+        // The client's handshake flight is well under 8 KiB: at least one
+        // whole 16 KiB record lies before the byte changed.
         assert!(
-            read < 40 << 10,
-            "read {read} bytes, past the damaged record"
+            (16 << 10..40 << 10).contains(&read.len()),
+            "read {} bytes",
+            read.len()
+        );
+        assert_eq!(
+            read,
+            sent[..read.len()],
+            "what came before is the data sent"
+        );
+        let mut rest = Vec::new();
+        let answer = tokio::time::timeout(TIMEOUT, client.read_to_end(&mut rest))
+            .await
+            .expect("the server ends its direction")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            answer.contains("fatal, description 20"),
+            "a bad_record_mac alert, not: {answer}"
+        );
+    }
+
+    /// A key schedule that is never asked for a next key.
+    struct NoRekey;
+
+    impl Rekey for NoRekey {
+        fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+            Err(rustls::Error::General("no KeyUpdate in this test".into()))
+        }
+
+        fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+            self.next_tx()
+        }
+    }
+
+    fn fixed_key() -> RecordKey {
+        RecordKey::new((
+            0,
+            ConnectionTrafficSecrets::Aes256Gcm {
+                key: [7u8; 32].into(),
+                iv: [9u8; 12].into(),
+            },
+        ))
+        .unwrap()
+    }
+
+    fn shared() -> Arc<Shared> {
+        Shared::new(Box::new(NoRekey), 1 << 24)
+    }
+
+    /// Two records in one read, the second changed: the first one's
+    /// plaintext is handed out, then the error; the writer of that
+    /// connection then ends with `bad_record_mac`, not a close_notify.
+    #[tokio::test]
+    async fn a_refused_record_ends_the_plaintext_after_the_records_before_it() {
+        let sent = data(PLAINTEXT_MAX + 100);
+        let mut writer = RecordWriter::new(Vec::new(), fixed_key(), shared());
+        writer.write_all(&sent).await.unwrap();
+        writer.flush().await.unwrap();
+        let mut wire = writer.io;
+        *wire.last_mut().unwrap() ^= 1; // the second record's tag
+        let reading = shared();
+        let mut reader = RecordReader::new(
+            &wire[..],
+            fixed_key(),
+            Arc::clone(&reading),
+            Vec::new(),
+            Vec::new(),
+            false,
+        );
+        let mut got = Vec::new();
+        let err = reader.read_to_end(&mut got).await.unwrap_err();
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        assert_eq!(got, sent[..PLAINTEXT_MAX], "the first record's plaintext");
+
+        let mut answer = RecordWriter::new(Vec::new(), fixed_key(), reading);
+        answer.shutdown().await.unwrap();
+        let mut peer = RecordReader::new(
+            &answer.io[..],
+            fixed_key(),
+            shared(),
+            Vec::new(),
+            Vec::new(),
+            false,
+        );
+        let err = peer.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(
+            err.to_string().contains("fatal, description 20"),
+            "a bad_record_mac alert, not: {err}"
         );
     }
 
