@@ -1977,6 +1977,14 @@ impl PartialWriter {
         self.wait_commit_local(copy)
     }
 
+    /// The error for a local copy thread (`writer`, `committer`) found
+    /// gone while there was work for it.
+    fn local_thread_stopped(&self, action: &'static str, thread: &str) -> StoreError {
+        StoreError::io(action, &self.path)(io::Error::other(format!(
+            "the local copy {thread} stopped"
+        )))
+    }
+
     /// Hands the chunks written since the last commit to the committing
     /// thread, once the commit before is done: the chunk rows of the pages
     /// they complete take it seconds (2 GiB: ~3 s in all), while the reads
@@ -1987,11 +1995,9 @@ impl PartialWriter {
         if chunks.is_empty() {
             return Ok(());
         }
-        copy.to_committer.send(chunks).map_err(|_| {
-            StoreError::io("cannot commit", &self.path)(io::Error::other(
-                "the local copy committer stopped",
-            ))
-        })?;
+        copy.to_committer
+            .send(chunks)
+            .map_err(|_| self.local_thread_stopped("cannot commit", "committer"))?;
         copy.committing = true;
         Ok(())
     }
@@ -2001,11 +2007,10 @@ impl PartialWriter {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let result = copy.commit_results.recv().map_err(|_| {
-            StoreError::io("cannot commit", &self.path)(io::Error::other(
-                "the local copy committer stopped",
-            ))
-        })?;
+        let result = copy
+            .commit_results
+            .recv()
+            .map_err(|_| self.local_thread_stopped("cannot commit", "committer"))?;
         copy.times.commit += started.elapsed();
         result
     }
@@ -2022,11 +2027,9 @@ impl PartialWriter {
         self.settle_local(copy)?;
         let next = copy.spare.take().unwrap_or_default();
         let batch = std::mem::replace(&mut copy.filling, next);
-        copy.to_writer.send(batch).map_err(|_| {
-            StoreError::io("cannot write", &self.path)(io::Error::other(
-                "the local copy writer stopped",
-            ))
-        })?;
+        copy.to_writer
+            .send(batch)
+            .map_err(|_| self.local_thread_stopped("cannot write", "writer"))?;
         copy.in_flight = true;
         Ok(())
     }
@@ -2039,11 +2042,10 @@ impl PartialWriter {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let (mut batch, verdicts) = copy.results.recv().map_err(|_| {
-            StoreError::io("cannot write", &self.path)(io::Error::other(
-                "the local copy writer stopped",
-            ))
-        })?;
+        let (mut batch, verdicts) = copy
+            .results
+            .recv()
+            .map_err(|_| self.local_thread_stopped("cannot write", "writer"))?;
         copy.times.wait += started.elapsed();
         for (c, ok) in batch.chunks.iter().zip(verdicts?) {
             copy.count(ok, c.entry.len);
