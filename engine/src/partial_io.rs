@@ -93,17 +93,18 @@ impl RunWriter {
     }
 
     /// Writes the concatenation of `parts` (at most [`sys::IOV_MAX`]) at
-    /// `offset`; `file` takes the buffered writes.
-    pub(crate) fn write_run(&self, file: &File, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+    /// `offset`; `file` takes the buffered writes. Returns the bytes that
+    /// went through the page cache (the rest were written direct).
+    pub(crate) fn write_run(&self, file: &File, offset: u64, parts: &[&[u8]]) -> io::Result<u64> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let end = offset + len;
         let align = sys::DIRECT_ALIGN;
         let (lo, hi) = (offset.next_multiple_of(align), end / align * align);
         let (Some(direct), Some(slabs)) = (&self.direct, &self.slabs) else {
-            return sys::write_all_vectored_at(file, offset, parts);
+            return sys::write_all_vectored_at(file, offset, parts).map(|()| len);
         };
         if hi <= lo || !self.direct_ok.load(Ordering::Relaxed) {
-            return sys::write_all_vectored_at(file, offset, parts);
+            return sys::write_all_vectored_at(file, offset, parts).map(|()| len);
         }
         if lo > offset {
             sys::write_all_vectored_at(file, offset, &sub_slices(parts, 0..lo - offset))?;
@@ -136,13 +137,14 @@ impl RunWriter {
                         file,
                         at,
                         &sub_slices(parts, at - offset..hi - offset),
-                    );
+                    )
+                    .map(|()| len - (at - lo));
                 }
                 Err(e) => return Err(e),
             }
             at += n;
         }
-        Ok(())
+        Ok(len - (hi - lo))
     }
 }
 
@@ -306,6 +308,7 @@ mod tests {
         runs.shuffle(&mut rng);
         let writer = RunWriter::open(&path).unwrap();
         let next = AtomicUsize::new(0);
+        let cached = AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
@@ -316,7 +319,8 @@ mod tests {
                         let parts: Vec<&[u8]> = data[a..b].chunks(7919).collect();
                         let mut at = a as u64;
                         for group in parts.chunks(sys::IOV_MAX) {
-                            writer.write_run(&file, at, group).unwrap();
+                            let c = writer.write_run(&file, at, group).unwrap();
+                            cached.fetch_add(c, Ordering::Relaxed);
                             at += group.iter().map(|p| p.len() as u64).sum::<u64>();
                         }
                     }
@@ -345,6 +349,12 @@ mod tests {
         );
         file.sync_data().unwrap();
         assert!(std::fs::read(&path).unwrap() == data, "file differs");
+        // Every byte is counted once: direct or through the page cache (the
+        // part the store's writeback accounting counts).
+        assert_eq!(
+            cached.load(Ordering::Relaxed) + writer.direct_bytes(),
+            len as u64
+        );
         if writer.direct.is_some() {
             assert!(
                 writer.direct_bytes() > len as u64 / 2,

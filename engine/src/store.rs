@@ -1438,7 +1438,8 @@ pub struct WriteTimings {
     pub write_ns: std::sync::atomic::AtomicU64,
     /// Starting writeback of what was written (`sync_file_range`).
     pub writeback_ns: std::sync::atomic::AtomicU64,
-    /// Bytes written since writeback was last started.
+    /// Bytes written through the page cache since writeback was last
+    /// started (direct writes need none).
     unstarted: std::sync::atomic::AtomicU64,
     /// Bytes written (each chunk once, however many peers sent it).
     pub bytes: std::sync::atomic::AtomicU64,
@@ -1571,7 +1572,8 @@ impl fmt::Debug for PartialWriter {
     }
 }
 
-/// Bytes a partial blob's writers write between two starts of its writeback.
+/// Bytes a partial blob's writers write through the page cache between two
+/// starts of its writeback.
 const WRITEBACK_START_BYTES: u64 = 8 << 20;
 
 /// Verifies received chunks against their manifest entries (`None`: no such
@@ -1618,11 +1620,13 @@ fn verify_and_write(
     let mut run_start = 0u64;
     let mut run_end = 0u64;
     let mut written_bytes = 0u64;
-    let write = |start: u64, run: &[&[u8]]| {
-        w.runs.write_run(file, start, run).map_err(|e| {
+    let mut cached_bytes = 0u64;
+    let mut write = |start: u64, run: &[&[u8]]| {
+        cached_bytes += w.runs.write_run(file, start, run).map_err(|e| {
             w.claims.fail();
             StoreError::io("cannot write", path)(e)
-        })
+        })?;
+        Ok::<(), StoreError>(())
     };
     for (i, &(index, bytes)) in chunks.iter().enumerate() {
         let Some(e) = entries[i].filter(|_| verdicts[i]) else {
@@ -1655,7 +1659,7 @@ fn verify_and_write(
     }
     let written = WriteTimings::add(&timings.write_ns, hashed);
     // Writeback of the page-cache part (the ends of runs) is started for the
-    // whole file every WRITEBACK_START_BYTES, not per batch: with three
+    // whole file every WRITEBACK_START_BYTES of it, not per batch: with three
     // sources batches average ~200 KiB, and one `sync_file_range` each took
     // ~10 s of 19 s summed over the writers (all writes buffered then).
     timings
@@ -1663,8 +1667,8 @@ fn verify_and_write(
         .fetch_add(written_bytes, std::sync::atomic::Ordering::Relaxed);
     let unstarted = timings
         .unstarted
-        .fetch_add(written_bytes, std::sync::atomic::Ordering::Relaxed)
-        + written_bytes;
+        .fetch_add(cached_bytes, std::sync::atomic::Ordering::Relaxed)
+        + cached_bytes;
     if unstarted >= WRITEBACK_START_BYTES {
         timings
             .unstarted
