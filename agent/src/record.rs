@@ -28,7 +28,8 @@
 //!   length over 2^14 + 256) ends the connection with the reason. A peer
 //!   closing the socket without a close_notify is an error too (truncation).
 //!   The plaintext of the records before the bad one is still handed out
-//!   (the reader's error comes with the read after it), and the writer then
+//!   (the reader's error comes with the read after it; every read after an
+//!   error fails, so the stream never resumes past a gap), and the writer then
 //!   ends its direction with the fatal alert RFC 8446 names for the error
 //!   (`bad_record_mac`, `record_overflow`, …) instead of a close_notify.
 //! - Keys are replaced before the suite's confidentiality limit (AES-GCM: 2^24
@@ -80,6 +81,19 @@ const EMPTY_RECORDS_MAX: u32 = 32;
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
+}
+
+/// What every read after a refused record (or the peer's alert) returns.
+fn refused_earlier() -> io::Error {
+    invalid("the TLS reader refused a record earlier")
+}
+
+/// The stream ended without the peer's close_notify (every read after too).
+fn unclosed_eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection without a TLS close_notify",
+    )
 }
 
 /// Derives a direction's next traffic secret (rustls's `KernelConnection`).
@@ -271,13 +285,19 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         if self.closed && early == 0 {
             return Ok(false);
         }
+        if decoder.error().is_some() {
+            // Nothing fed to it is decoded any more (and it has dropped
+            // what the transport held).
+            return Err(invalid("the frame decoder refused the stream earlier"));
+        }
         let held = decoder.transport_held();
         let buf = if keeping {
             decoder.receive_buffer_keeping(max.max(early))
         } else {
             decoder.receive_buffer(max.max(early))
         };
-        let mut plain = buf.len() - held;
+        let base = buf.len() - held;
+        let mut plain = base;
         if early > 0 {
             // Only on the first read: nothing is held yet.
             buf.extend_from_slice(&self.early_plain);
@@ -288,13 +308,11 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         } else {
             let mut limited = bytes::BufMut::limit(&mut *buf, max);
             if self.io.read_buf(&mut limited).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection without a TLS close_notify",
-                ));
+                self.failed = Some(unclosed_eof());
+                return Err(unclosed_eof());
             }
         }
-        match self.open(buf, plain) {
+        match self.open(buf, base, plain) {
             Ok((plain, end)) => {
                 buf.truncate(end);
                 decoder.set_transport_held(end - plain);
@@ -310,34 +328,44 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     }
 
     /// The error of a record refused after others were opened, once their
-    /// plaintext is handed out (and for every read after it).
+    /// plaintext is handed out; after any error, [`refused_earlier`] for
+    /// every read.
     fn take_failure(&mut self) -> io::Result<()> {
         match self.failed.take() {
             None => Ok(()),
             Some(e) => {
-                self.failed = Some(invalid("the TLS reader refused a record earlier"));
+                self.failed = Some(if e.kind() == io::ErrorKind::UnexpectedEof {
+                    unclosed_eof()
+                } else {
+                    refused_earlier()
+                });
                 Err(e)
             }
         }
     }
 
     /// Opens every complete record in `buf` after `plain` (where the
-    /// plaintext ends; the partial record held from before follows it),
+    /// plaintext ends; the partial record held from before follows it;
+    /// `base..plain` is plaintext not handed out yet, `..base` was),
     /// moving each record's plaintext to the end of the plaintext, then the
     /// partial record left down behind it (less than one record: the framing
     /// of the records opened must not pile up in the held tail, which every
     /// batch handed over carries along). Returns where the plaintext ends and
-    /// where the bytes that matter end. A record refused after others were
-    /// opened ends the plaintext there, and its error waits in `failed`.
-    fn open(&mut self, buf: &mut [u8], plain: usize) -> io::Result<(usize, usize)> {
+    /// where the bytes that matter end. A record refused when plaintext
+    /// is still to be handed out ends the plaintext there, and its error
+    /// waits in `failed`; every read after an error fails.
+    fn open(&mut self, buf: &mut [u8], base: usize, plain: usize) -> io::Result<(usize, usize)> {
         let mut opened = plain;
         match self.open_records(buf, &mut opened) {
             Ok(end) => Ok((opened, end)),
-            Err(e) if opened > plain => {
+            Err(e) if opened > base => {
                 self.failed = Some(e);
                 Ok((opened, opened))
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                self.failed = Some(refused_earlier());
+                Err(e)
+            }
         }
     }
 
@@ -445,6 +473,20 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                     format!("a TLS KeyUpdate asking {other}"),
                 ));
             }
+            // A key change must end its record (RFC 8446 §5.1): not
+            // followed by more in it, not cut across records.
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, _, _, ..] => {
+                return Err(self.shared.fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    "a TLS KeyUpdate followed by more in its record",
+                ));
+            }
+            [HANDSHAKE_KEY_UPDATE, rest @ ..] if rest.len() < 4 => {
+                return Err(self.shared.fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    "a TLS KeyUpdate cut at the end of its record",
+                ));
+            }
             [HANDSHAKE_KEY_UPDATE, ..] => {
                 return Err(self
                     .shared
@@ -516,17 +558,23 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
                 ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
                 let n = read.filled().len();
                 if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection without a TLS close_notify",
-                    )));
+                    this.failed = Some(unclosed_eof());
+                    return Poll::Ready(Err(unclosed_eof()));
                 }
                 this.own_raw_end += n;
             }
             let mut own = std::mem::take(&mut this.own);
-            let opened = this.open(&mut own[..this.own_raw_end], this.own_end);
+            // Everything before `own_end` (early plaintext) is still to be
+            // handed out.
+            let opened = this.open(&mut own[..this.own_raw_end], 0, this.own_end);
             this.own = own;
-            (this.own_end, this.own_raw_end) = opened?;
+            match opened {
+                Ok(ends) => (this.own_end, this.own_raw_end) = ends,
+                Err(e) => {
+                    (this.own_end, this.own_raw_end) = (0, 0);
+                    return Poll::Ready(Err(e));
+                }
+            }
         }
     }
 }
@@ -954,6 +1002,148 @@ mod tests {
             err.to_string().contains("fatal, description 20"),
             "a bad_record_mac alert, not: {err}"
         );
+    }
+
+    /// Seals `bodies` as consecutive records (content type, plaintext)
+    /// under [`fixed_key`] from sequence number 0.
+    fn records(bodies: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut w = RecordWriter::new(Vec::new(), fixed_key(), shared());
+        for &(content_type, body) in bodies {
+            w.open = Some(w.out.len());
+            w.out.extend_from_slice(&[0; HEADER_BYTES]);
+            w.out.extend_from_slice(body);
+            w.seal(content_type).unwrap();
+        }
+        w.out
+    }
+
+    fn reader<R: AsyncRead + Unpin>(
+        io: R,
+        early_plain: &[u8],
+        early_raw: &[u8],
+    ) -> RecordReader<R> {
+        RecordReader::new(
+            io,
+            fixed_key(),
+            shared(),
+            early_plain.to_vec(),
+            early_raw.to_vec(),
+            false,
+        )
+    }
+
+    /// A record refused first in its read fails that read, and every read
+    /// after it fails too, even when the next record would open (under the
+    /// next sequence number): the stream never goes on past a gap.
+    #[tokio::test]
+    async fn after_a_refused_record_no_later_record_is_read() {
+        use substrate::wire::{Decoder, Limits};
+        let mut wire = records(&[
+            (CONTENT_APPLICATION_DATA, b"first"),
+            (CONTENT_APPLICATION_DATA, b"second"),
+        ]);
+        let first_len = HEADER_BYTES + b"first".len() + 1 + TAG_BYTES;
+        wire[first_len - 1] ^= 1; // the first record's tag
+        // The frame decoder's way.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut r = reader(rx, b"", b"");
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        tx.write_all(&wire[..first_len]).await.unwrap();
+        let err = r.read_into(&mut decoder, false, 1 << 16).await.unwrap_err();
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        tx.write_all(&wire[first_len..]).await.unwrap();
+        let again = r.read_into(&mut decoder, false, 1 << 16).await.unwrap_err();
+        assert!(
+            again.to_string().contains("refused a record earlier"),
+            "{again}"
+        );
+        assert_eq!(
+            decoder.buffered_bytes(),
+            0,
+            "no plaintext reached the decoder"
+        );
+        // The `AsyncRead` way.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut r = reader(rx, b"", b"");
+        tx.write_all(&wire[..first_len]).await.unwrap();
+        let mut byte = [0u8; 1];
+        let err = r.read(&mut byte).await.unwrap_err();
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        tx.write_all(&wire[first_len..]).await.unwrap();
+        let again = r.read(&mut byte).await.unwrap_err();
+        assert!(
+            again.to_string().contains("refused a record earlier"),
+            "{again}"
+        );
+    }
+
+    /// Plaintext rustls opened with the handshake is handed out before the
+    /// error of a refused record right behind it, both ways of reading.
+    #[tokio::test]
+    async fn early_plaintext_comes_before_the_error_of_the_record_after_it() {
+        use substrate::wire::{Decoder, Limits};
+        let mut wire = records(&[(CONTENT_APPLICATION_DATA, b"late")]);
+        *wire.last_mut().unwrap() ^= 1;
+        let mut r = reader(&[][..], b"early", &wire);
+        let mut got = Vec::new();
+        let err = r.read_to_end(&mut got).await.unwrap_err();
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+        assert_eq!(got, b"early");
+
+        let mut r = reader(&[][..], b"early", &wire);
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        assert!(r.read_into(&mut decoder, false, 1 << 16).await.unwrap());
+        assert_eq!(decoder.buffered_bytes(), b"early".len());
+        let err = r.read_into(&mut decoder, false, 1 << 16).await.unwrap_err();
+        assert!(err.to_string().contains("failed authentication"), "{err}");
+    }
+
+    /// Once the frame decoder has refused the stream, reading into it is an
+    /// error, not a read whose bytes the decoder drops.
+    #[tokio::test]
+    async fn reading_into_a_decoder_that_failed_is_an_error() {
+        use substrate::wire::{Decoder, Limits};
+        let wire = records(&[
+            (CONTENT_APPLICATION_DATA, &[0xff; 64]),
+            (CONTENT_APPLICATION_DATA, b"more"),
+        ]);
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut r = reader(rx, b"", b"");
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        // The second record cut short: held for the next read.
+        tx.write_all(&wire[..wire.len() - 3]).await.unwrap();
+        assert!(r.read_into(&mut decoder, false, 1 << 16).await.unwrap());
+        assert!(decoder.transport_held() > 0);
+        assert!(decoder.poll_frame_at().is_err(), "not a frame");
+        tx.write_all(&wire[wire.len() - 3..]).await.unwrap();
+        let err = r.read_into(&mut decoder, false, 1 << 16).await.unwrap_err();
+        assert!(err.to_string().contains("frame decoder refused"), "{err}");
+    }
+
+    /// A KeyUpdate must end its record (RFC 8446 §5.1): one followed by more
+    /// bytes or cut short is an unexpected message; a wrong length is a
+    /// decode error; asking neither 0 nor 1 an illegal parameter.
+    #[tokio::test]
+    async fn key_updates_are_refused_with_the_alert_for_their_fault() {
+        let cases: [(&[u8], u8); 4] = [
+            (
+                &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0, HANDSHAKE_KEY_UPDATE],
+                ALERT_UNEXPECTED_MESSAGE,
+            ),
+            (&[HANDSHAKE_KEY_UPDATE, 0, 0], ALERT_UNEXPECTED_MESSAGE),
+            (&[HANDSHAKE_KEY_UPDATE, 0, 0, 2, 0, 0], ALERT_DECODE_ERROR),
+            (&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 2], ALERT_ILLEGAL_PARAMETER),
+        ];
+        for (body, alert) in cases {
+            let wire = records(&[(CONTENT_HANDSHAKE, body)]);
+            let mut r = reader(&wire[..], b"", b"");
+            let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
+            assert_eq!(
+                r.shared.alert.load(Ordering::Acquire),
+                alert,
+                "{body:?}: {err}"
+            );
+        }
     }
 
     /// What `read_into` puts in a decoder is the byte stream sent, whatever
