@@ -973,30 +973,16 @@ mod tests {
         writer.flush().await.unwrap();
         let mut wire = writer.io;
         *wire.last_mut().unwrap() ^= 1; // the second record's tag
-        let reading = shared();
-        let mut reader = RecordReader::new(
-            &wire[..],
-            fixed_key(),
-            Arc::clone(&reading),
-            Vec::new(),
-            Vec::new(),
-            false,
-        );
+        let mut r = reader(&wire[..], b"", b"");
+        let reading = Arc::clone(&r.shared);
         let mut got = Vec::new();
-        let err = reader.read_to_end(&mut got).await.unwrap_err();
+        let err = r.read_to_end(&mut got).await.unwrap_err();
         assert!(err.to_string().contains("failed authentication"), "{err}");
         assert_eq!(got, sent[..PLAINTEXT_MAX], "the first record's plaintext");
 
         let mut answer = RecordWriter::new(Vec::new(), fixed_key(), reading);
         answer.shutdown().await.unwrap();
-        let mut peer = RecordReader::new(
-            &answer.io[..],
-            fixed_key(),
-            shared(),
-            Vec::new(),
-            Vec::new(),
-            false,
-        );
+        let mut peer = reader(&answer.io[..], b"", b"");
         let err = peer.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert!(
             err.to_string().contains("fatal, description 20"),
