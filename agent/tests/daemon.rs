@@ -947,6 +947,122 @@ fn hostile_frame_closes_only_that_connection() {
     assert_still_served(&a, &b, &id, &data);
 }
 
+/// A loopback TCP proxy whose first connection goes to `first` and every
+/// later one to `rest`; returns its address.
+fn divert_after_first(first: String, rest: String) -> String {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(if n == 0 { &first } else { &rest }) else {
+                continue;
+            };
+            let ways = [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ];
+            for (mut from, mut to) in ways {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A host `admits` lets in, holding `key`, on loopback: every connection
+/// gets its Hello, then after `delay` a `Data` frame for a request nobody
+/// made, and is held open. Returns its address.
+fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration) -> String {
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use substrate::wire::{self, Frame, Hello, Limits, RequestId};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let admits: agent::identity::PeerKey = admits.key.parse().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let config = tls::server_config(&key, Arc::new(AllowList::new(vec![admits]))).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let config = Arc::clone(&config);
+                tokio::spawn(async move {
+                    let Ok((mut stream, _)) =
+                        tls::accept(&config, tcp, Duration::from_secs(10)).await
+                    else {
+                        return;
+                    };
+                    let hello = Hello {
+                        version: wire::PROTOCOL_VERSION,
+                        requests_in_flight_max: 16,
+                        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
+                        credit_bytes: 32 << 20,
+                    };
+                    let mut bytes = Vec::new();
+                    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+                    let _ = stream.write_all(&bytes).await;
+                    let _ = stream.flush().await;
+                    tokio::time::sleep(delay).await;
+                    let stray = Frame::Data {
+                        request: RequestId(1 << 62),
+                        chunk_index: 0,
+                        payload: &[0; 64],
+                    };
+                    bytes.clear();
+                    wire::encode(&stray, &Limits::DEFAULT, &mut bytes).unwrap();
+                    let _ = stream.write_all(&bytes).await;
+                    let _ = stream.flush().await;
+                    let _ = stream.read_to_end(&mut Vec::new()).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// A source's second connection answered by another host B also admits
+/// (a proxy diverts it to a hostile one): it is refused before it starts,
+/// so the stray chunk that host sends later is not taken as the source's
+/// protocol violation (which would ban the source and fail the fetch),
+/// and the fetch completes over the first connection.
+#[test]
+fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
+    use agent::identity::HostKey;
+    let other = HostKey::generate().unwrap();
+    let other_key = other.public().to_string();
+    let mut a = Envoy::new();
+    // ~2 s for 8 MiB: the stray chunk comes while the fetch runs.
+    let mut b = Envoy::with_extra("rate:\n  download_bytes_per_s: 4194304\n");
+    a.allow(&[&b]);
+    b.allow = vec![a.key.clone(), other_key.clone()];
+    b.write_config();
+    a.start();
+    b.start();
+    let data = random(8 << 20, 21);
+    let id = a.add(&a.file("blob", &data));
+    let hostile = hostile_server(other, &b, Duration::from_millis(700));
+    let proxy = divert_after_first(a.addr(), hostile);
+    let out_path = b.dir.path().join("out.bin");
+    b.fetch(&id, &[proxy], &out_path).expect(OK);
+    assert!(fs::read(&out_path).unwrap() == data, "B's copy differs");
+    assert!(
+        b.wait_log(&format!("answered as {other_key}, not as {}", a.key)),
+        "{}",
+        b.log()
+    );
+}
+
 /// A TCP stream that flips the last byte of its next write once armed: a
 /// TLS record changed on the way.
 struct Corrupting {

@@ -592,7 +592,8 @@ async fn dial_all(
                     .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
                 // The first connection decides whether the source is usable;
                 // the others only add lanes (a refused one is logged).
-                let first = daemon.dial(sock, tap.clone()).await?;
+                let first = daemon.dial(sock, None, tap.clone()).await?;
+                let key = first.peer;
                 let mut extra = tokio::task::JoinSet::new();
                 for lane in 1..lanes {
                     let daemon = Arc::clone(&daemon);
@@ -600,13 +601,12 @@ async fn dial_all(
                         lane,
                         ..tap.clone()
                     };
-                    extra.spawn(async move { (lane, daemon.dial(sock, tap).await) });
+                    extra.spawn(async move { (lane, daemon.dial(sock, Some(key), tap).await) });
                 }
                 let mut conns = vec![(0, first)];
                 while let Some(r) = extra.join_next().await {
                     match r.context("dial task failed")? {
-                        (lane, Ok(c)) if c.peer == conns[0].1.peer => conns.push((lane, c)),
-                        (_, Ok(c)) => c.close(CloseCode::NORMAL, "another host answered").await,
+                        (lane, Ok(c)) => conns.push((lane, c)),
                         (_, Err(e)) => tracing::warn!("source {addr}: one connection fewer: {e:#}"),
                     }
                 }

@@ -374,6 +374,7 @@ impl Daemon {
     pub(crate) async fn dial(
         self: &Arc<Self>,
         addr: SocketAddr,
+        expect: Option<PeerKey>,
         tap: conn::Tap,
     ) -> Result<conn::ConnHandle> {
         let total = self.reserve_total().with_context(|| {
@@ -391,6 +392,13 @@ impl Daemon {
         let (stream, peer) = tls::connect(&self.client_tls, tcp, timeout)
             .await
             .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+        // Checked before the connection starts: nothing another host sends
+        // reaches the fetch as if the expected one had sent it.
+        if let Some(expected) = expect
+            && peer != expected
+        {
+            bail!("{addr} answered as {peer}, not as {expected}");
+        }
         let Some(slot) = self.reserve_peer(peer) else {
             bail!(
                 "{addr} ({peer}): connections_per_peer ({}) reached",
