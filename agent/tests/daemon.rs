@@ -1426,6 +1426,82 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
     assert_eq!(fs::read(&out_path).unwrap(), data);
 }
 
+/// Once A has closed a connection (here for a request beyond its credit), a peer
+/// that goes on sending is disconnected: what it sends is not read, and it
+/// does not keep the connection by talking (the idle timeout is two
+/// minutes).
+#[test]
+fn a_peer_talking_on_after_our_close_is_disconnected() {
+    use agent::identity::HostKey;
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use substrate::wire::{self, Frame, Hello, Limits, Request, RequestId};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let intruder = HostKey::generate().unwrap();
+    let mut a = Envoy::with_extra("limits:\n  credit_bytes: 4194304\n");
+    a.allow = vec![intruder.public().to_string()];
+    a.write_config();
+    a.start();
+    let id = a.add(&a.file("blob", &random(8 << 20, 22)));
+    let hello = Hello {
+        version: wire::PROTOCOL_VERSION,
+        requests_in_flight_max: 16,
+        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
+        credit_bytes: 32 << 20,
+    };
+    let mut hello_bytes = Vec::new();
+    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut hello_bytes).unwrap();
+    let mut opening = hello_bytes.clone();
+    // Every chunk of the 8 MiB blob: twice A's credit.
+    let chunks = {
+        let out = run(a.cmd(&["--json", "store", "manifest", &id]));
+        out.expect(OK);
+        out.json()["chunks"].as_array().unwrap().len() as u32
+    };
+    let greedy = Request {
+        id: RequestId(1),
+        blob: id.parse().unwrap(),
+        first_chunk: 0,
+        chunk_count: chunks,
+    };
+    wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut opening).unwrap();
+    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let talked = rt.block_on(async {
+        let connector =
+            tls::client_config(&intruder, Arc::new(AllowList::new(vec![a_key]))).unwrap();
+        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
+        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        stream.write_all(&opening).await.unwrap();
+        stream.flush().await.unwrap();
+        // A's Hello and Close, then the end of A's direction.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+            .await
+            .expect("A closes its direction")
+            .unwrap();
+        // Talk on: a Hello every 50 ms until A's socket is gone.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if stream.write_all(&hello_bytes).await.is_err() || stream.flush().await.is_err() {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    });
+    assert!(
+        talked < Duration::from_secs(5),
+        "A kept reading a closed connection for {talked:?}"
+    );
+}
+
 /// `fetch --out` writes the file while the fetch goes on: the receiver is
 /// held to 4 MiB/s, so 32 MiB take ~7 s, and a quarter of the file must be
 /// written while the blob is still partial in the receiver's store.

@@ -187,9 +187,10 @@ pub(crate) fn start(
     let reader = tokio::spawn(read_loop(Arc::clone(daemon), read, tx, tap.clone(), peer));
     let h = handle.clone();
     tokio::spawn(async move {
-        // The reader ends on EOF, error or a bad frame; the writer ends when
-        // every sender is gone (the reader's clone and all handles) or on
-        // Close. Either way, tell the fetch and release the slot.
+        // The reader ends on EOF, error, a bad frame or the writer's end;
+        // the writer ends when every sender is gone (the reader's clone and
+        // all handles) or on Close. Either way, tell the fetch and release
+        // the slot.
         let why = match reader.await {
             Ok(why) => why,
             Err(e) => format!("reader task failed: {e}"),
@@ -291,6 +292,10 @@ async fn read_frames(
                 let _ = out.send(Out::Close(CloseCode::SHUTDOWN, "shutting down".into())).await;
                 return "shutting down".into();
             }
+            // This side has closed (the writer sent `Close`, or failed): a
+            // peer that talks on must not keep the connection, its slot and
+            // its intake for as long as it likes.
+            () = out.closed() => return "closed from this side".into(),
         };
         loop {
             let (at, frame) = match decoder.poll_frame_at() {
