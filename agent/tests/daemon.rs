@@ -947,6 +947,48 @@ fn hostile_frame_closes_only_that_connection() {
     assert_still_served(&a, &b, &id, &data);
 }
 
+/// A flood of bad-chunk reports (each would make A read and hash a chunk)
+/// is cut off with `LIMIT` after 16, re-checked at most one at a time, and
+/// A still serves everyone else.
+#[test]
+fn a_flood_of_bad_chunk_reports_is_cut_off() {
+    use agent::identity::HostKey;
+    use substrate::wire::{self, CloseCode, Decoder, Frame, Hello, Limits};
+
+    let intruder = HostKey::generate().unwrap();
+    let (a, b, id, data) = pair_admitting(&intruder, 23);
+    let mut bytes = Vec::new();
+    let hello = Hello {
+        version: wire::PROTOCOL_VERSION,
+        requests_in_flight_max: 16,
+        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
+        credit_bytes: 32 << 20,
+    };
+    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+    for _ in 0..40 {
+        let report = Frame::BadChunk {
+            blob: id.parse().unwrap(),
+            chunk_index: 0,
+        };
+        wire::encode(&report, &Limits::DEFAULT, &mut bytes).unwrap();
+    }
+    let received = raw_exchange(&intruder, &a, &bytes, Duration::from_secs(10));
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    decoder.feed(&received);
+    let mut last = None;
+    while let Ok(Some(f)) = decoder.poll_frame() {
+        if let Frame::Close { code, .. } = f {
+            last = Some(code);
+        }
+    }
+    assert_eq!(last, Some(CloseCode::LIMIT), "{}", a.log());
+    assert!(a.wait_log("more than 16 bad-chunk reports"), "{}", a.log());
+    let log = a.log();
+    let checked = log.matches("as bad: re-verifying").count();
+    assert!((1..=16).contains(&checked), "{checked} re-checks: {log}");
+    assert_still_served(&a, &b, &id, &data);
+}
+
 /// A loopback TCP proxy whose first connection goes to `first` and every
 /// later one to `rest`; returns its address.
 fn divert_after_first(first: String, rest: String) -> String {

@@ -253,6 +253,7 @@ async fn read_frames(
 ) -> String {
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
+    let mut reports = BadChunkReports::default();
     loop {
         // Payloads of the batch being filled stay in the decoder's buffer
         // until it is handed over (see `intake`).
@@ -303,7 +304,13 @@ async fn read_frames(
                 Ok(None) => break,
                 Err(e) => return refuse(out, peer, &e).await,
             };
-            if let Err(why) = on_frame(daemon, out, tap, peer, intake, at, frame).await {
+            let handled = match frame {
+                Frame::BadChunk { blob, chunk_index } => {
+                    reports.report(daemon, out, peer, blob, chunk_index).await
+                }
+                frame => on_frame(out, tap, peer, intake, at, frame).await,
+            };
+            if let Err(why) = handled {
                 return why;
             }
             if let Some(i) = intake.as_mut()
@@ -329,7 +336,6 @@ async fn refuse(out: &mpsc::Sender<Out>, peer: PeerKey, e: &DecodeError) -> Stri
 /// Handles one frame, which lies at `at` in the decoder's buffer; `Err(reason)`
 /// closes the connection.
 async fn on_frame(
-    daemon: &Arc<Daemon>,
     out: &mpsc::Sender<Out>,
     tap: Option<&Tap>,
     peer: PeerKey,
@@ -361,13 +367,8 @@ async fn on_frame(
         }
         Frame::Request(r) => to_writer(Out::Request(r)).await?,
         Frame::Cancel { request } => to_writer(Out::Cancel(request)).await?,
-        Frame::BadChunk { blob, chunk_index } => {
-            tracing::warn!(
-                "peer {peer} reports chunk {chunk_index} of {blob} as bad: re-verifying"
-            );
-            let d = Arc::clone(daemon);
-            tokio::task::spawn_blocking(move || recheck(&d, &blob, chunk_index));
-        }
+        // `read_frames` takes these first (`BadChunkReports`).
+        Frame::BadChunk { .. } => {}
         Frame::ManifestRoot { .. }
         | Frame::ManifestPage { .. }
         | Frame::NotFound { .. }
@@ -416,6 +417,55 @@ async fn violation(out: &mpsc::Sender<Out>, peer: PeerKey, why: &str) -> Result<
         .send(Out::Close(CloseCode::PROTOCOL, why.to_owned()))
         .await;
     Err(format!("protocol violation: {why}"))
+}
+
+/// Bad-chunk reports one connection may make; the next one closes it with
+/// `LIMIT`. A peer that received a bad chunk from us bans us for that blob,
+/// so an honest one reports about one per blob it fetches.
+const BAD_CHUNK_REPORTS_MAX: u32 = 16;
+
+/// A connection's bad-chunk reports: each re-verifies a chunk (reads and
+/// hashes up to 4 MiB on the blocking pool every fetch shares), so there
+/// are at most [`BAD_CHUNK_REPORTS_MAX`], re-checked one at a time: one
+/// that comes while the last is being checked is logged and not checked.
+#[derive(Default)]
+struct BadChunkReports {
+    made: u32,
+    checking: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BadChunkReports {
+    async fn report(
+        &mut self,
+        daemon: &Arc<Daemon>,
+        out: &mpsc::Sender<Out>,
+        peer: PeerKey,
+        blob: BlobId,
+        index: u64,
+    ) -> Result<(), String> {
+        self.made += 1;
+        if self.made > BAD_CHUNK_REPORTS_MAX {
+            let why = format!("more than {BAD_CHUNK_REPORTS_MAX} bad-chunk reports");
+            tracing::warn!("closing connection to {peer}: {why}");
+            let _ = out.send(Out::Close(CloseCode::LIMIT, why.clone())).await;
+            return Err(why);
+        }
+        if self.checking.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                "peer {peer} reports chunk {index} of {blob} as bad: not re-verified, \
+                 its previous report still is"
+            );
+            return Ok(());
+        }
+        tracing::warn!("peer {peer} reports chunk {index} of {blob} as bad: re-verifying");
+        let d = Arc::clone(daemon);
+        let checking = Arc::clone(&self.checking);
+        tokio::task::spawn_blocking(move || {
+            recheck(&d, &blob, index);
+            checking.store(false, Ordering::Release);
+        });
+        Ok(())
+    }
 }
 
 /// Re-verifies one chunk a peer reported bad; quarantines the blob (stops
