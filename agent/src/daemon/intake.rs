@@ -76,6 +76,11 @@ const BATCH_BYTES_MIN: usize = 256 << 10;
 const WRITERS: usize = 2;
 /// Batches per connection: one filling, one queued, [`WRITERS`] being written.
 const BATCHES_MAX: usize = WRITERS + 2;
+/// Chunks a batch holds at most, however small: a source sending tiny
+/// `Data` frames would otherwise fill a batch's bytes only after millions
+/// of entries (each with its frame kept in the decoder's buffer). 2 MiB of
+/// 1 KiB chunks; the default chunker's smallest is 2 KiB.
+const BATCH_CHUNKS_MAX: usize = 2048;
 
 /// Received chunks: the frames they arrived in, as the decoder handed them
 /// out, and where each payload lies there.
@@ -231,10 +236,12 @@ impl Intake {
         !self.filling.chunks.is_empty()
     }
 
-    /// Whether the filling batch must be handed over now: full, or a frame
-    /// waits behind its chunks.
+    /// Whether the filling batch must be handed over now: full (in bytes
+    /// or in chunks), or a frame waits behind its chunks.
     pub(crate) fn due(&self) -> bool {
-        self.filling.payload_bytes >= self.live.batch_bytes() || !self.filling.frames.is_empty()
+        self.filling.payload_bytes >= self.live.batch_bytes()
+            || self.filling.chunks.len() >= BATCH_CHUNKS_MAX
+            || !self.filling.frames.is_empty()
     }
 
     /// Hands the filling batch over if [`Intake::due`]. `Err` when the
@@ -450,12 +457,15 @@ mod tests {
 
     use super::*;
 
-    /// A frame for the fetch that arrives while chunks are still being
-    /// verified and written reaches the fetch behind their verdicts (a
-    /// cancel's `Reject` must not overtake the chunks sent before it); with
-    /// nothing pending it is handed back to be sent at once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn frames_reach_the_fetch_behind_pending_chunks() {
+    /// A 4 MiB blob begun in a fresh store, and an intake writing it whose
+    /// events arrive on the receiver returned.
+    fn setup() -> (
+        tempfile::TempDir,
+        engine::manifest::Manifest,
+        Vec<u8>,
+        Intake,
+        mpsc::UnboundedReceiver<(PeerId, PeerEvent)>,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let params = ChunkerParams::with_avg(4096).unwrap();
         let options = StoreOptions {
@@ -468,7 +478,7 @@ mod tests {
         let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
         store.begin_partial(&m, &Owner::new(0, "test")).unwrap();
         let writer = store.partial_writer(&m.id()).unwrap();
-        let (events, mut rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::unbounded_channel();
         let tap = Tap {
             peer: PeerId(7),
             lane: 0,
@@ -476,8 +486,30 @@ mod tests {
             writer: Arc::new(OnceLock::new()),
             intakes: Arc::default(),
         };
-        let mut intake = Intake::start(&tap, writer);
-        drop(tap);
+        let intake = Intake::start(&tap, writer);
+        (tmp, m, data, intake, rx)
+    }
+
+    /// A batch of tiny chunks is due at [`BATCH_CHUNKS_MAX`] of them, long
+    /// before their bytes would fill it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_due_at_its_chunk_cap_however_small_the_chunks() {
+        let (_tmp, _m, _data, mut intake, _rx) = setup();
+        for i in 0..BATCH_CHUNKS_MAX - 1 {
+            intake.push(RequestId(1), i as u64, 0, 1);
+            assert!(!intake.due(), "due at {} chunks", i + 1);
+        }
+        intake.push(RequestId(1), 0, 0, 1);
+        assert!(intake.due());
+    }
+
+    /// A frame for the fetch that arrives while chunks are still being
+    /// verified and written reaches the fetch behind their verdicts (a
+    /// cancel's `Reject` must not overtake the chunks sent before it); with
+    /// nothing pending it is handed back to be sent at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_reach_the_fetch_behind_pending_chunks() {
+        let (_tmp, m, data, mut intake, mut rx) = setup();
 
         let early = intake.push_frame(b"early".to_vec());
         assert_eq!(early.as_deref(), Some(&b"early"[..]), "nothing pending");
