@@ -989,6 +989,70 @@ fn a_flood_of_bad_chunk_reports_is_cut_off() {
     assert_still_served(&a, &b, &id, &data);
 }
 
+/// Manifest requests are charged to `limits.requests_per_s` like chunk
+/// requests: 164 page requests at once against 100/s (burst 64) are all
+/// answered, the last of them no sooner than a second later.
+#[test]
+fn manifest_requests_are_paced_by_the_request_rate() {
+    use agent::identity::HostKey;
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use substrate::wire::{self, Decoder, Frame, Limits};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const ASKED: usize = 164;
+    let intruder = HostKey::generate().unwrap();
+    let mut a = Envoy::with_extra("limits:\n  requests_per_s: 100\n");
+    a.allow = vec![intruder.public().to_string()];
+    a.write_config();
+    a.start();
+    let id = a.add(&a.file("blob", &random(1 << 20, 24)));
+    let mut asks = Vec::new();
+    for _ in 0..ASKED {
+        let ask = Frame::GetManifestPage {
+            blob: id.parse().unwrap(),
+            page: 0,
+        };
+        wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
+    }
+    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (pages, took) = rt.block_on(async {
+        let connector =
+            tls::client_config(&intruder, Arc::new(AllowList::new(vec![a_key]))).unwrap();
+        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
+        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        stream.write_all(&asks).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        let mut pages = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while pages < ASKED && start.elapsed() < Duration::from_secs(20) {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("A answers")
+                .unwrap();
+            assert!(n > 0, "A closed after {pages} pages");
+            decoder.feed(&buf[..n]);
+            while let Some(f) = decoder.poll_frame().unwrap() {
+                pages += usize::from(matches!(f, Frame::ManifestPage { .. }));
+            }
+        }
+        (pages, start.elapsed())
+    });
+    assert_eq!(pages, ASKED);
+    assert!(
+        took >= Duration::from_millis(900),
+        "{ASKED} pages in {took:?} at 100 requests/s"
+    );
+}
+
 /// A loopback TCP proxy whose first connection goes to `first` and every
 /// later one to `rest`; returns its address.
 fn divert_after_first(first: String, rest: String) -> String {

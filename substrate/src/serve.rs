@@ -15,7 +15,9 @@
 //!   not yet sent. Exceeding it is a violation too.
 //! - `requests_per_s` (+ `requests_burst`): admission rate. A request over
 //!   the rate is answered `Reject { BUSY }` and still charged, so a flood
-//!   keeps itself in debt.
+//!   keeps itself in debt. Manifest requests are charged to the same rate
+//!   and, having no id to refuse, answered late
+//!   ([`Uploader::admit_manifest_request`]).
 //! - `upload_bytes_per_s` (+ `upload_burst_bytes`): this connection's upload
 //!   rate; a daemon-wide limit is one more [`TokenBucket`] the daemon checks
 //!   before polling.
@@ -252,6 +254,20 @@ impl Uploader {
         Ok(())
     }
 
+    /// Admits a manifest request (`GetManifest`, `GetManifestPage`), charged
+    /// to the same admission rate as chunk requests: each costs an index
+    /// read and up to a page of reply. `None`: answer now; `Some(t)`: not
+    /// before `t`. Late answers pace a flood without refusing a fetcher
+    /// that asks for a large blob's pages all at once.
+    pub fn admit_manifest_request(&mut self, now: Timestamp) -> Option<Timestamp> {
+        let ready = self.admissions.is_ready(now);
+        self.admissions.charge(now, 1);
+        if ready {
+            return None;
+        }
+        self.admissions.ready_at()
+    }
+
     /// Stops serving `request` if it is live and queues the acknowledgement.
     pub fn handle_cancel(&mut self, _now: Timestamp, request: RequestId) {
         let Some(at) = self.queue.iter().position(|s| s.id == request) else {
@@ -418,6 +434,38 @@ mod tests {
         assert_eq!(
             u.handle_request(t, &req(4, 1, 1), |_| Ok(1)),
             Err(ServeError::TooManyRequests { max: 2 })
+        );
+    }
+
+    /// Manifest requests share the admission rate: past the burst each is
+    /// answered one token's time after the one before, and they leave the
+    /// bucket in debt for chunk requests too.
+    #[test]
+    fn manifest_requests_past_the_burst_are_paced() {
+        let t = Timestamp::ZERO;
+        let limits = ServeLimits {
+            requests_per_s: 10,
+            requests_burst: 2,
+            ..ServeLimits::DEFAULT
+        };
+        let mut u = Uploader::new(t, limits);
+        assert_eq!(u.admit_manifest_request(t), None);
+        assert_eq!(u.admit_manifest_request(t), None);
+        let mut last = t;
+        for _ in 0..5 {
+            let at = u.admit_manifest_request(t).expect("past the burst");
+            assert!(at > last, "{at:?} after {last:?}");
+            last = at;
+        }
+        // Five tokens owed at 10/s: half a second.
+        assert!(last >= Timestamp::from_millis(500), "{last:?}");
+        u.handle_request(t, &req(1, 0, 1), |_| Ok(1)).unwrap();
+        assert_eq!(
+            u.poll_transmit(t),
+            Some(Transmit::Reject {
+                request: RequestId(1),
+                code: RejectCode::BUSY
+            })
         );
     }
 

@@ -670,6 +670,37 @@ async fn handle_out<W: AsyncWrite + Unpin>(
         }
         Out::Cancel(id) => uploader.handle_cancel(now(epoch), id),
         Out::GetManifest(blob) => {
+            pace_manifest_request(uploader, epoch).await;
+            answer_manifest_request(daemon, w, blob, None).await?;
+        }
+        Out::GetManifestPage(blob, page) => {
+            pace_manifest_request(uploader, epoch).await;
+            answer_manifest_request(daemon, w, blob, Some(page)).await?;
+        }
+    }
+    Ok(false)
+}
+
+/// Waits until a manifest request is within the peer's request rate (the
+/// connection waits meanwhile: only its own flood is slowed).
+async fn pace_manifest_request(uploader: &mut Uploader, epoch: Instant) {
+    if let Some(at) = uploader.admit_manifest_request(now(epoch)) {
+        let at = epoch + Duration::from_micros(at.as_micros());
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Answers `GetManifest` (the root and what we hold; `page` `None`) or
+/// `GetManifestPage`.
+async fn answer_manifest_request<W: AsyncWrite + Unpin>(
+    daemon: &Daemon,
+    w: &mut W,
+    blob: BlobId,
+    page: Option<u32>,
+) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    match page {
+        None => {
             let frames = match daemon.served_blob(&blob) {
                 Some(r) => {
                     let root = r.reader.root().encode();
@@ -687,7 +718,7 @@ async fn handle_out<W: AsyncWrite + Unpin>(
             };
             w.write_all(&frames).await.map_err(io)?;
         }
-        Out::GetManifestPage(blob, page) => {
+        Some(page) => {
             let bytes = daemon
                 .served_blob(&blob)
                 .and_then(|_| daemon.store.page_bytes(&blob, page).ok());
@@ -702,7 +733,7 @@ async fn handle_out<W: AsyncWrite + Unpin>(
             w.write_all(&frame).await.map_err(io)?;
         }
     }
-    Ok(false)
+    Ok(())
 }
 
 /// The uploader's admission lookup: the run's bytes, or why not.
