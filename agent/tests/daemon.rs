@@ -1081,12 +1081,17 @@ fn divert_after_first(first: String, rest: String) -> String {
 }
 
 /// A host `admits` lets in, holding `key`, on loopback: every connection
-/// gets its Hello, then after `delay` a `Data` frame for a request nobody
-/// made, and is held open. Returns its address.
-fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration) -> String {
+/// gets its Hello, then after `delay` the frames `then` (encoded), and is
+/// held open. Returns its address.
+fn hostile_server(
+    key: agent::identity::HostKey,
+    admits: &Envoy,
+    delay: Duration,
+    then: Vec<u8>,
+) -> String {
     use agent::tls::{self, AllowList};
     use std::sync::Arc;
-    use substrate::wire::{self, Frame, Hello, Limits, RequestId};
+    use substrate::wire::{self, Frame, Hello, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let admits: agent::identity::PeerKey = admits.key.parse().unwrap();
@@ -1103,6 +1108,7 @@ fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             while let Ok((tcp, _)) = listener.accept().await {
                 let config = Arc::clone(&config);
+                let then = then.clone();
                 tokio::spawn(async move {
                     let Ok((mut stream, _)) =
                         tls::accept(&config, tcp, Duration::from_secs(10)).await
@@ -1120,14 +1126,7 @@ fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration
                     let _ = stream.write_all(&bytes).await;
                     let _ = stream.flush().await;
                     tokio::time::sleep(delay).await;
-                    let stray = Frame::Data {
-                        request: RequestId(1 << 62),
-                        chunk_index: 0,
-                        payload: &[0; 64],
-                    };
-                    bytes.clear();
-                    wire::encode(&stray, &Limits::DEFAULT, &mut bytes).unwrap();
-                    let _ = stream.write_all(&bytes).await;
+                    let _ = stream.write_all(&then).await;
                     let _ = stream.flush().await;
                     let _ = stream.read_to_end(&mut Vec::new()).await;
                 });
@@ -1135,6 +1134,42 @@ fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration
         });
     });
     addr
+}
+
+/// A source flooding `Have` frames (each costs the fetch a pass over every
+/// chunk) is cut off as a protocol violation, and the fetch fails at once
+/// instead of waiting on it.
+#[test]
+fn a_source_flooding_have_frames_is_cut_off() {
+    use agent::identity::HostKey;
+    use substrate::wire::{self, Frame, HaveMap, Limits};
+
+    let source = HostKey::generate().unwrap();
+    let mut b = Envoy::new();
+    b.allow = vec![source.public().to_string()];
+    b.write_config();
+    b.start();
+    let id = "v1-b3-".to_owned() + &"ab".repeat(32);
+    let mut then = Vec::new();
+    for _ in 0..200 {
+        let have = HaveMap::all(id.parse().unwrap(), 0, 1 << 20);
+        wire::encode(&Frame::Have(have), &Limits::DEFAULT, &mut then).unwrap();
+    }
+    let hostile = hostile_server(source, &b, Duration::ZERO, then);
+    let out_path = b.dir.path().join("out.bin");
+    let started = Instant::now();
+    let out = b.fetch(&id, &[hostile], &out_path);
+    assert_ne!(out.code, Some(OK), "the fetch cannot succeed");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the fetch waited {:?} on the flooding source",
+        started.elapsed()
+    );
+    assert!(
+        b.wait_log("more than 16 Have frames a second"),
+        "{}",
+        b.log()
+    );
 }
 
 /// A source's second connection answered by another host B also admits
@@ -1145,6 +1180,7 @@ fn hostile_server(key: agent::identity::HostKey, admits: &Envoy, delay: Duration
 #[test]
 fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
     use agent::identity::HostKey;
+    use substrate::wire::{self, Frame, Limits, RequestId};
     let other = HostKey::generate().unwrap();
     let other_key = other.public().to_string();
     let mut a = Envoy::new();
@@ -1157,7 +1193,14 @@ fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
     b.start();
     let data = random(8 << 20, 21);
     let id = a.add(&a.file("blob", &data));
-    let hostile = hostile_server(other, &b, Duration::from_millis(700));
+    let stray = Frame::Data {
+        request: RequestId(1 << 62),
+        chunk_index: 0,
+        payload: &[0; 64],
+    };
+    let mut then = Vec::new();
+    wire::encode(&stray, &Limits::DEFAULT, &mut then).unwrap();
+    let hostile = hostile_server(other, &b, Duration::from_millis(700), then);
     let proxy = divert_after_first(a.addr(), hostile);
     let out_path = b.dir.path().join("out.bin");
     b.fetch(&id, &[proxy], &out_path).expect(OK);

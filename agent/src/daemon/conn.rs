@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use engine::hash::BlobId;
 use engine::store::PartialWriter;
+use substrate::rate::TokenBucket;
 use substrate::sched::{PeerId, Verdict};
 use substrate::serve::{Transmit, Uploader};
 use substrate::wire::{
@@ -254,6 +255,8 @@ async fn read_frames(
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
     let mut reports = BadChunkReports::default();
+    let epoch = Instant::now();
+    let mut haves = TokenBucket::new(substrate::Timestamp::ZERO, HAVES_PER_S, HAVES_BURST);
     loop {
         // Payloads of the batch being filled stay in the decoder's buffer
         // until it is handed over (see `intake`).
@@ -307,6 +310,10 @@ async fn read_frames(
             let handled = match frame {
                 Frame::BadChunk { blob, chunk_index } => {
                     reports.report(daemon, out, peer, blob, chunk_index).await
+                }
+                Frame::Have(_) if !within_rate(&mut haves, epoch) => {
+                    let why = format!("more than {HAVES_PER_S} Have frames a second");
+                    violation(out, peer, &why).await
                 }
                 frame => on_frame(out, tap, peer, intake, at, frame).await,
             };
@@ -417,6 +424,23 @@ async fn violation(out: &mpsc::Sender<Out>, peer: PeerKey, why: &str) -> Result<
         .send(Out::Close(CloseCode::PROTOCOL, why.to_owned()))
         .await;
     Err(format!("protocol violation: {why}"))
+}
+
+/// `Have` frames a connection may send per second, and in a burst: each
+/// makes the fetch's scheduler go over every chunk of the blob (~500 k for
+/// 4 GiB), so a flood of them would keep it from everything else. More is
+/// a protocol violation.
+const HAVES_PER_S: u64 = 16;
+const HAVES_BURST: u64 = 64;
+
+/// Takes one token from `bucket` if it has one (time since `epoch`).
+fn within_rate(bucket: &mut TokenBucket, epoch: Instant) -> bool {
+    let at = now(epoch);
+    let ready = bucket.is_ready(at);
+    if ready {
+        bucket.charge(at, 1);
+    }
+    ready
 }
 
 /// Bad-chunk reports one connection may make; the next one closes it with
