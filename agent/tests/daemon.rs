@@ -869,32 +869,41 @@ fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
     );
 }
 
-/// Connects to `to` over mTLS as `key` (which `to` admits), checks that it
-/// is talking to `to`, sends `bytes` and returns everything `to` sends
-/// until it closes the connection or `wait` passes.
+/// A runtime for a test's own peer.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Connects to `to` over mTLS as `key` (which `to` admits) and checks that
+/// it is talking to `to`.
+async fn raw_connect(key: &agent::identity::HostKey, to: &Envoy) -> agent::tls::TlsStream {
+    use agent::tls::{self, AllowList};
+    let to_key: agent::identity::PeerKey = to.key.parse().unwrap();
+    let verifier = std::sync::Arc::new(AllowList::new(vec![to_key]));
+    let connector = tls::client_config(key, verifier).unwrap();
+    let tcp = tokio::net::TcpStream::connect(to.addr()).await.unwrap();
+    let (stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(peer, to_key);
+    stream
+}
+
+/// [`raw_connect`], sends `bytes` and returns everything `to` sends until
+/// it closes the connection or `wait` passes.
 fn raw_exchange(
     key: &agent::identity::HostKey,
     to: &Envoy,
     bytes: &[u8],
     wait: Duration,
 ) -> Vec<u8> {
-    use agent::tls::{self, AllowList};
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let to_key: agent::identity::PeerKey = to.key.parse().unwrap();
-    rt.block_on(async {
-        let verifier = Arc::new(AllowList::new(vec![to_key]));
-        let connector = tls::client_config(key, verifier).unwrap();
-        let tcp = tokio::net::TcpStream::connect(to.addr()).await.unwrap();
-        let (mut stream, peer) = tls::connect(&connector, tcp, Duration::from_secs(10))
-            .await
-            .unwrap();
-        assert_eq!(peer, to_key);
+    runtime().block_on(async {
+        let mut stream = raw_connect(key, to).await;
         stream.write_all(bytes).await.unwrap();
         stream.flush().await.unwrap();
         let mut got = Vec::new();
@@ -995,8 +1004,6 @@ fn a_flood_of_bad_chunk_reports_is_cut_off() {
 #[test]
 fn manifest_requests_are_paced_by_the_request_rate() {
     use agent::identity::HostKey;
-    use agent::tls::{self, AllowList};
-    use std::sync::Arc;
     use substrate::wire::{self, Decoder, Frame, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1015,18 +1022,8 @@ fn manifest_requests_are_paced_by_the_request_rate() {
         };
         wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
     }
-    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (pages, took) = rt.block_on(async {
-        let connector =
-            tls::client_config(&intruder, Arc::new(AllowList::new(vec![a_key]))).unwrap();
-        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
-        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
-            .await
-            .unwrap();
+    let (pages, took) = runtime().block_on(async {
+        let mut stream = raw_connect(&intruder, &a).await;
         let start = Instant::now();
         stream.write_all(&asks).await.unwrap();
         stream.flush().await.unwrap();
@@ -1099,11 +1096,7 @@ fn hostile_server(
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        runtime().block_on(async move {
             let config = tls::server_config(&key, Arc::new(AllowList::new(vec![admits]))).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             while let Ok((tcp, _)) = listener.accept().await {
@@ -1281,12 +1274,8 @@ fn a_record_changed_on_the_wire_closes_that_connection_with_the_reason() {
     let peer = HostKey::generate().unwrap();
     let (a, b, id, data) = pair_admitting(&peer, 12);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
-    let (received, ended) = rt.block_on(async {
+    let (received, ended) = runtime().block_on(async {
         // A plain rustls client with our key, over a stream that changes
         // the next record it is given to write.
         let config = tls::client_config(&peer, Arc::new(AllowList::new(vec![a_key]))).unwrap();
@@ -1582,8 +1571,6 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
 #[test]
 fn a_peer_talking_on_after_our_close_is_disconnected() {
     use agent::identity::HostKey;
-    use agent::tls::{self, AllowList};
-    use std::sync::Arc;
     use substrate::wire::{self, Frame, Hello, Limits, Request, RequestId};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1615,18 +1602,8 @@ fn a_peer_talking_on_after_our_close_is_disconnected() {
         chunk_count: chunks,
     };
     wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut opening).unwrap();
-    let a_key: agent::identity::PeerKey = a.key.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let talked = rt.block_on(async {
-        let connector =
-            tls::client_config(&intruder, Arc::new(AllowList::new(vec![a_key]))).unwrap();
-        let tcp = tokio::net::TcpStream::connect(a.addr()).await.unwrap();
-        let (mut stream, _) = tls::connect(&connector, tcp, Duration::from_secs(10))
-            .await
-            .unwrap();
+    let talked = runtime().block_on(async {
+        let mut stream = raw_connect(&intruder, &a).await;
         stream.write_all(&opening).await.unwrap();
         stream.flush().await.unwrap();
         // A's Hello and Close, then the end of A's direction.
