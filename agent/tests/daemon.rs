@@ -877,6 +877,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A test peer's encoded `Hello`: this protocol version, the default limits.
+fn hello_frame() -> Vec<u8> {
+    use substrate::wire::{self, Frame, Hello, Limits};
+    let hello = Hello {
+        version: wire::PROTOCOL_VERSION,
+        requests_in_flight_max: 16,
+        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
+        credit_bytes: 32 << 20,
+    };
+    let mut bytes = Vec::new();
+    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+    bytes
+}
+
 /// Connects to `to` over mTLS as `key` (which `to` admits) and checks that
 /// it is talking to `to`.
 async fn raw_connect(key: &agent::identity::HostKey, to: &Envoy) -> agent::tls::TlsStream {
@@ -962,18 +976,11 @@ fn hostile_frame_closes_only_that_connection() {
 #[test]
 fn a_flood_of_bad_chunk_reports_is_cut_off() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, CloseCode, Decoder, Frame, Hello, Limits};
+    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits};
 
     let intruder = HostKey::generate().unwrap();
     let (a, b, id, data) = pair_admitting(&intruder, 23);
-    let mut bytes = Vec::new();
-    let hello = Hello {
-        version: wire::PROTOCOL_VERSION,
-        requests_in_flight_max: 16,
-        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
-        credit_bytes: 32 << 20,
-    };
-    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+    let mut bytes = hello_frame();
     for _ in 0..40 {
         let report = Frame::BadChunk {
             blob: id.parse().unwrap(),
@@ -1088,7 +1095,6 @@ fn hostile_server(
 ) -> String {
     use agent::tls::{self, AllowList};
     use std::sync::Arc;
-    use substrate::wire::{self, Frame, Hello, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let admits: agent::identity::PeerKey = admits.key.parse().unwrap();
@@ -1108,15 +1114,7 @@ fn hostile_server(
                     else {
                         return;
                     };
-                    let hello = Hello {
-                        version: wire::PROTOCOL_VERSION,
-                        requests_in_flight_max: 16,
-                        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
-                        credit_bytes: 32 << 20,
-                    };
-                    let mut bytes = Vec::new();
-                    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
-                    let _ = stream.write_all(&bytes).await;
+                    let _ = stream.write_all(&hello_frame()).await;
                     let _ = stream.flush().await;
                     tokio::time::sleep(delay).await;
                     let _ = stream.write_all(&then).await;
@@ -1487,7 +1485,7 @@ fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
 #[test]
 fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, CloseCode, Decoder, Frame, Hello, Limits, Request, RequestId};
+    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits, Request, RequestId};
 
     const CREDIT: u64 = 4 << 20;
     let intruder = HostKey::generate().unwrap();
@@ -1518,14 +1516,7 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
         .unwrap();
 
     let received = {
-        let mut bytes = Vec::new();
-        let hello = Hello {
-            version: wire::PROTOCOL_VERSION,
-            requests_in_flight_max: 16,
-            frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
-            credit_bytes: 32 << 20,
-        };
-        wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+        let mut bytes = hello_frame();
         // Every chunk of a 16 MiB blob at once: four times the credit.
         let greedy = Request {
             id: RequestId(1),
@@ -1571,7 +1562,7 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
 #[test]
 fn a_peer_talking_on_after_our_close_is_disconnected() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, Frame, Hello, Limits, Request, RequestId};
+    use substrate::wire::{self, Frame, Limits, Request, RequestId};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let intruder = HostKey::generate().unwrap();
@@ -1580,14 +1571,7 @@ fn a_peer_talking_on_after_our_close_is_disconnected() {
     a.write_config();
     a.start();
     let id = a.add(&a.file("blob", &random(8 << 20, 22)));
-    let hello = Hello {
-        version: wire::PROTOCOL_VERSION,
-        requests_in_flight_max: 16,
-        frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
-        credit_bytes: 32 << 20,
-    };
-    let mut hello_bytes = Vec::new();
-    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut hello_bytes).unwrap();
+    let hello_bytes = hello_frame();
     let mut opening = hello_bytes.clone();
     // Every chunk of the 8 MiB blob: twice A's credit.
     let chunks = {

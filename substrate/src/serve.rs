@@ -437,18 +437,23 @@ mod tests {
         );
     }
 
+    /// An uploader admitting 10 requests a second, 2 in a burst.
+    fn slow_admissions(t: Timestamp) -> Uploader {
+        let limits = ServeLimits {
+            requests_per_s: 10,
+            requests_burst: 2,
+            ..ServeLimits::DEFAULT
+        };
+        Uploader::new(t, limits)
+    }
+
     /// Manifest requests share the admission rate: past the burst each is
     /// answered one token's time after the one before, and they leave the
     /// bucket in debt for chunk requests too.
     #[test]
     fn manifest_requests_past_the_burst_are_paced() {
         let t = Timestamp::ZERO;
-        let limits = ServeLimits {
-            requests_per_s: 10,
-            requests_burst: 2,
-            ..ServeLimits::DEFAULT
-        };
-        let mut u = Uploader::new(t, limits);
+        let mut u = slow_admissions(t);
         assert_eq!(u.admit_manifest_request(t), None);
         assert_eq!(u.admit_manifest_request(t), None);
         let mut last = t;
@@ -472,12 +477,7 @@ mod tests {
     #[test]
     fn a_request_flood_is_answered_busy_and_costs_no_lookups() {
         let t = Timestamp::ZERO;
-        let limits = ServeLimits {
-            requests_per_s: 10,
-            requests_burst: 2,
-            ..ServeLimits::DEFAULT
-        };
-        let mut u = Uploader::new(t, limits);
+        let mut u = slow_admissions(t);
         let mut lookups = 0;
         let mut busy = 0;
         // Request, cancel, request, cancel… 100 times at the same instant.
