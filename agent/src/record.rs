@@ -96,6 +96,16 @@ fn unclosed_eof() -> io::Error {
     )
 }
 
+/// What every read after error `e` returns: the EOF again, else
+/// [`refused_earlier`].
+fn repeat_of(e: &io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        unclosed_eof()
+    } else {
+        refused_earlier()
+    }
+}
+
 /// Derives a direction's next traffic secret (rustls's `KernelConnection`).
 pub(crate) trait Rekey: Send {
     fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
@@ -308,8 +318,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         } else {
             let mut limited = bytes::BufMut::limit(&mut *buf, max);
             if self.io.read_buf(&mut limited).await? == 0 {
-                self.failed = Some(unclosed_eof());
-                return Err(unclosed_eof());
+                return Err(self.failing(unclosed_eof()));
             }
         }
         match self.open(buf, base, plain) {
@@ -328,20 +337,22 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     }
 
     /// The error of a record refused after others were opened, once their
-    /// plaintext is handed out; after any error, [`refused_earlier`] for
-    /// every read.
+    /// plaintext is handed out; after any error, [`repeat_of`] it for every
+    /// read.
     fn take_failure(&mut self) -> io::Result<()> {
         match self.failed.take() {
             None => Ok(()),
             Some(e) => {
-                self.failed = Some(if e.kind() == io::ErrorKind::UnexpectedEof {
-                    unclosed_eof()
-                } else {
-                    refused_earlier()
-                });
+                self.failed = Some(repeat_of(&e));
                 Err(e)
             }
         }
+    }
+
+    /// Error `e` ends the stream: every read after it fails too.
+    fn failing(&mut self, e: io::Error) -> io::Error {
+        self.failed = Some(repeat_of(&e));
+        e
     }
 
     /// Opens every complete record in `buf` after `plain` (where the
@@ -362,10 +373,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 self.failed = Some(e);
                 Ok((opened, opened))
             }
-            Err(e) => {
-                self.failed = Some(refused_earlier());
-                Err(e)
-            }
+            Err(e) => Err(self.failing(e)),
         }
     }
 
@@ -558,8 +566,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
                 ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
                 let n = read.filled().len();
                 if n == 0 {
-                    this.failed = Some(unclosed_eof());
-                    return Poll::Ready(Err(unclosed_eof()));
+                    return Poll::Ready(Err(this.failing(unclosed_eof())));
                 }
                 this.own_raw_end += n;
             }
