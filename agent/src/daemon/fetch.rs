@@ -466,7 +466,11 @@ pub(crate) async fn fetch(
             }
             PeerEvent::Closed { lane, why } => {
                 let was_live = p.drop_lane(lane);
-                sched.handle_peer_lost(now(), pid);
+                // A lane no longer live was closed by the fetch itself (the
+                // scheduler banned or dropped the source, or knows it left).
+                if was_live {
+                    sched.handle_peer_lost(now(), pid);
+                }
                 if was_live && p.alive() {
                     // The requests on that connection are lost: the source
                     // leaves and joins again over the others (chunks still
