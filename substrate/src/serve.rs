@@ -151,6 +151,7 @@ pub struct ServeStats {
     pub requests_refused: u64,
     pub cancels: u64,
     pub chunks_sent: u64,
+    /// Chunk and manifest-reply bytes.
     pub bytes_sent: u64,
 }
 
@@ -257,15 +258,32 @@ impl Uploader {
     /// Admits a manifest request (`GetManifest`, `GetManifestPage`), charged
     /// to the same admission rate as chunk requests: each costs an index
     /// read and up to a page of reply. `None`: answer now; `Some(t)`: not
-    /// before `t`. Late answers pace a flood without refusing a fetcher
-    /// that asks for a large blob's pages all at once.
+    /// before `t` (also while the upload rate is in debt: the reply is
+    /// upload too, [`Uploader::handle_manifest_sent`]). Late answers pace a
+    /// flood without refusing a fetcher that asks for a large blob's pages
+    /// all at once.
     pub fn admit_manifest_request(&mut self, now: Timestamp) -> Option<Timestamp> {
         let ready = self.admissions.is_ready(now);
         self.admissions.charge(now, 1);
-        if ready {
-            return None;
+        let admitted = if ready {
+            None
+        } else {
+            self.admissions.ready_at()
+        };
+        let uploadable = self
+            .upload
+            .as_mut()
+            .and_then(|b| if b.is_ready(now) { None } else { b.ready_at() });
+        admitted.max(uploadable)
+    }
+
+    /// The daemon wrote a manifest reply of `bytes` bytes: charged to the
+    /// upload rate like chunks.
+    pub fn handle_manifest_sent(&mut self, now: Timestamp, bytes: u64) {
+        if let Some(b) = &mut self.upload {
+            b.charge(now, bytes);
         }
-        self.admissions.ready_at()
+        self.stats.bytes_sent += bytes;
     }
 
     /// Stops serving `request` if it is live and queues the acknowledgement.
@@ -472,6 +490,32 @@ mod tests {
                 code: RejectCode::BUSY
             })
         );
+    }
+
+    /// Manifest replies are upload: they spend the upload bucket (chunks
+    /// wait for it), and while it is in debt the next manifest request
+    /// waits too, however many admissions are left.
+    #[test]
+    fn manifest_replies_are_charged_to_the_upload_rate() {
+        let t = Timestamp::ZERO;
+        let limits = ServeLimits {
+            upload_bytes_per_s: Some(1 << 20),
+            upload_burst_bytes: 64 << 10,
+            ..ServeLimits::DEFAULT
+        };
+        let mut u = Uploader::new(t, limits);
+        assert_eq!(u.admit_manifest_request(t), None);
+        // A 1 MiB answer (pages of a large blob): a second of the rate.
+        u.handle_manifest_sent(t, 1 << 20);
+        assert_eq!(u.stats().bytes_sent, 1 << 20);
+        let at = u
+            .admit_manifest_request(t)
+            .expect("the upload rate is in debt");
+        assert!(at >= Timestamp::from_millis(900), "{at:?}");
+        u.handle_request(t, &req(1, 0, 1), |_| Ok(1000)).unwrap();
+        assert_eq!(u.poll_transmit(t), None, "chunks wait for the debt too");
+        assert_eq!(u.next_timeout(), Some(at));
+        assert!(u.poll_transmit(at).is_some());
     }
 
     #[test]
