@@ -1060,6 +1060,19 @@ fn manifest_requests_are_paced_by_the_request_rate() {
 /// A loopback TCP proxy whose first connection goes to `first` and every
 /// later one to `rest`; returns its address.
 fn divert_after_first(first: String, rest: String) -> String {
+    proxy(first, rest, Duration::ZERO)
+}
+
+/// A loopback TCP proxy to `to` that holds back the first bytes `to` sends
+/// on each connection for `delay` (its handshakes end that much later).
+fn slow_to_answer(to: String, delay: Duration) -> String {
+    proxy(to.clone(), to, delay)
+}
+
+/// A loopback TCP proxy: the first connection goes to `first`, every later
+/// one to `rest`; what the server sends waits `delay` on each connection
+/// before it is forwarded. Returns its address.
+fn proxy(first: String, rest: String, delay: Duration) -> String {
     use std::net::{Shutdown, TcpListener, TcpStream};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -1070,11 +1083,18 @@ fn divert_after_first(first: String, rest: String) -> String {
                 continue;
             };
             let ways = [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
+                (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                ),
+                (server, client, Some(delay)),
             ];
-            for (mut from, mut to) in ways {
+            for (mut from, mut to, wait) in ways {
                 std::thread::spawn(move || {
+                    if let Some(wait) = wait {
+                        std::thread::sleep(wait);
+                    }
                     let _ = std::io::copy(&mut from, &mut to);
                     let _ = to.shutdown(Shutdown::Write);
                 });
@@ -1161,6 +1181,53 @@ fn a_source_flooding_have_frames_is_cut_off() {
         "{}",
         b.log()
     );
+}
+
+/// A source that sends the manifest root and then never a page (its one
+/// Hello keeps nothing alive here) is dropped after the page stall timeout
+/// and the pages it owed are asked of the other source: the fetch completes
+/// instead of waiting on it for good.
+#[test]
+fn a_source_that_sends_no_manifest_page_is_dropped_and_its_pages_asked_elsewhere() {
+    use agent::identity::HostKey;
+    use engine::manifest::{Manifest, ManifestLimits};
+    use substrate::wire::{self, Frame, Limits};
+
+    let silent = HostKey::generate().unwrap();
+    let mut a = Envoy::new();
+    let mut b = Envoy::new();
+    a.allow(&[&b]);
+    b.allow = vec![a.key.clone(), silent.public().to_string()];
+    b.write_config();
+    a.start();
+    b.start();
+    let data = random(3 << 20, 22);
+    let id = a.add(&a.file("blob", &data));
+    let bundle = run(a.cmd(&["store", "manifest", &id, "--bundle"]));
+    bundle.expect(OK);
+    let manifest = Manifest::from_bundle(&bundle.stdout, &ManifestLimits::default()).unwrap();
+    let mut then = Vec::new();
+    let root = Frame::ManifestRoot {
+        blob: id.parse().unwrap(),
+        root: &manifest.root.encode(),
+    };
+    wire::encode(&root, &Limits::DEFAULT, &mut then).unwrap();
+    // Its root is there before B asks anyone (A's connections are only
+    // ready half a second later): every page is asked of it.
+    let silent = hostile_server(silent, &b, Duration::ZERO, then);
+    let late = slow_to_answer(a.addr(), Duration::from_millis(500));
+    let out_path = b.dir.path().join("out.bin");
+    let started = Instant::now();
+    b.fetch(&id, &[silent.clone(), late], &out_path).expect(OK);
+    assert!(fs::read(&out_path).unwrap() == data, "B's copy differs");
+    let took = started.elapsed();
+    assert!(
+        b.log()
+            .contains(&format!("source {silent} sent no manifest page for 10s")),
+        "{}",
+        b.log()
+    );
+    assert!(took < Duration::from_secs(40), "the fetch took {took:?}");
 }
 
 /// A source's second connection answered by another host B also admits

@@ -89,7 +89,9 @@ pub(crate) struct Tap {
     pub peer: PeerId,
     /// Which of the fetch's connections to this source this is.
     pub lane: u32,
-    pub events: mpsc::UnboundedSender<(PeerId, PeerEvent)>,
+    /// Bounded ([`super::fetch::EVENTS_QUEUE`]): a connection whose
+    /// fetch lags waits, instead of queueing what its peer sends without end.
+    pub events: mpsc::Sender<(PeerId, PeerEvent)>,
     /// Set once the manifest is known and the partial blob exists.
     pub writer: Arc<OnceLock<Arc<PartialWriter>>>,
     /// Intakes receiving for this fetch (they share its batch memory).
@@ -203,7 +205,10 @@ pub(crate) fn start(
         let _ = writer.await;
         if let Some(tap) = tap {
             let lane = tap.lane;
-            let _ = tap.events.send((tap.peer, PeerEvent::Closed { lane, why }));
+            let _ = tap
+                .events
+                .send((tap.peer, PeerEvent::Closed { lane, why }))
+                .await;
         }
         h.held.lock().expect("poisoned").clear();
         h.finished.store(true, Ordering::Release);
@@ -359,7 +364,10 @@ async fn on_frame(
                 return Err(why);
             }
             if let Some(t) = tap {
-                let _ = t.events.send((t.peer, PeerEvent::Frame(encode(&frame))));
+                let _ = t
+                    .events
+                    .send((t.peer, PeerEvent::Frame(encode(&frame))))
+                    .await;
             }
         }
         Frame::Close { code, text } => {
@@ -391,7 +399,7 @@ async fn on_frame(
                 None => Some(encode(&frame)),
             };
             if let Some(f) = frame {
-                let _ = t.events.send((t.peer, PeerEvent::Frame(f)));
+                let _ = t.events.send((t.peer, PeerEvent::Frame(f))).await;
             }
         }
         Frame::Data {
@@ -694,70 +702,67 @@ async fn handle_out<W: AsyncWrite + Unpin>(
         }
         Out::Cancel(id) => uploader.handle_cancel(now(epoch), id),
         Out::GetManifest(blob) => {
-            pace_manifest_request(uploader, epoch).await;
-            answer_manifest_request(daemon, w, blob, None).await?;
+            answer_manifest_request(daemon, w, uploader, epoch, blob, None).await?
         }
         Out::GetManifestPage(blob, page) => {
-            pace_manifest_request(uploader, epoch).await;
-            answer_manifest_request(daemon, w, blob, Some(page)).await?;
+            answer_manifest_request(daemon, w, uploader, epoch, blob, Some(page)).await?
         }
     }
     Ok(false)
 }
 
-/// Waits until a manifest request is within the peer's request rate (the
-/// connection waits meanwhile: only its own flood is slowed).
-async fn pace_manifest_request(uploader: &mut Uploader, epoch: Instant) {
-    if let Some(at) = uploader.admit_manifest_request(now(epoch)) {
-        let at = epoch + Duration::from_micros(at.as_micros());
-        tokio::time::sleep_until(at.into()).await;
-    }
-}
-
 /// Answers `GetManifest` (the root and what we hold; `page` `None`) or
-/// `GetManifestPage`.
+/// `GetManifestPage` once the request is within the peer's request rate and
+/// the upload rates allow (the connection waits meanwhile: only its own
+/// flood is slowed); the reply is charged as upload.
 async fn answer_manifest_request<W: AsyncWrite + Unpin>(
     daemon: &Daemon,
     w: &mut W,
+    uploader: &mut Uploader,
+    epoch: Instant,
     blob: BlobId,
     page: Option<u32>,
 ) -> Result<(), String> {
-    let io = |e: std::io::Error| e.to_string();
+    let paced = uploader
+        .admit_manifest_request(now(epoch))
+        .map(|at| epoch + Duration::from_micros(at.as_micros()));
+    if let Some(at) = paced.into_iter().chain(daemon.upload_wait()).max() {
+        tokio::time::sleep_until(at.into()).await;
+    }
+    let reply = manifest_reply(daemon, blob, page);
+    w.write_all(&reply).await.map_err(|e| e.to_string())?;
+    uploader.handle_manifest_sent(now(epoch), reply.len() as u64);
+    daemon.upload_sent(reply.len() as u64);
+    Ok(())
+}
+
+/// The encoded answer to a manifest request (see [`answer_manifest_request`]).
+fn manifest_reply(daemon: &Daemon, blob: BlobId, page: Option<u32>) -> Vec<u8> {
+    let Some(served) = daemon.served_blob(&blob) else {
+        return encode(&Frame::NotFound { blob });
+    };
     match page {
         None => {
-            let frames = match daemon.served_blob(&blob) {
-                Some(r) => {
-                    let root = r.reader.root().encode();
-                    let mut bytes = encode(&Frame::ManifestRoot { blob, root: &root });
-                    // An empty blob has nothing to hold (a `Have` spans at
-                    // least one chunk): its root is the whole answer.
-                    let chunks = r.reader.root().chunk_count;
-                    if chunks > 0 {
-                        let have = HaveMap::all(blob, 0, chunks);
-                        bytes.extend_from_slice(&encode(&Frame::Have(have)));
-                    }
-                    bytes
-                }
-                None => encode(&Frame::NotFound { blob }),
-            };
-            w.write_all(&frames).await.map_err(io)?;
+            let root = served.reader.root().encode();
+            let mut bytes = encode(&Frame::ManifestRoot { blob, root: &root });
+            // An empty blob has nothing to hold (a `Have` spans at least one
+            // chunk): its root is the whole answer.
+            let chunks = served.reader.root().chunk_count;
+            if chunks > 0 {
+                let have = HaveMap::all(blob, 0, chunks);
+                bytes.extend_from_slice(&encode(&Frame::Have(have)));
+            }
+            bytes
         }
-        Some(page) => {
-            let bytes = daemon
-                .served_blob(&blob)
-                .and_then(|_| daemon.store.page_bytes(&blob, page).ok());
-            let frame = match &bytes {
-                Some(b) => encode(&Frame::ManifestPage {
-                    blob,
-                    page,
-                    bytes: b,
-                }),
-                None => encode(&Frame::NotFound { blob }),
-            };
-            w.write_all(&frame).await.map_err(io)?;
-        }
+        Some(page) => match daemon.store.page_bytes(&blob, page) {
+            Ok(b) => encode(&Frame::ManifestPage {
+                blob,
+                page,
+                bytes: &b,
+            }),
+            Err(_) => encode(&Frame::NotFound { blob }),
+        },
     }
-    Ok(())
 }
 
 /// The uploader's admission lookup: the run's bytes, or why not.

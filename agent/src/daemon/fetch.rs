@@ -47,9 +47,16 @@ use crate::control::FetchRequest;
 const COMMIT_BYTES: u64 = 256 << 20;
 /// Longest time between two commits while chunks arrive.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
-/// A fetch with no progress at all (no frame from any peer) for this long
-/// gives up.
+/// A fetch with no progress for this long gives up: no verified manifest
+/// part (manifest phase), no chunk and no have-map (chunk phase). Frames
+/// that only keep a connection alive (`Hello`) do not count.
 const NO_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Events a fetch's connections may have queued for it. Each is at most a
+/// frame (a manifest page, ~150 KB, is the largest) or a batch's verdicts:
+/// while the fetch is busy (copying local chunks can take seconds), its
+/// connections wait and their peers with them, instead of memory growing
+/// with whatever a peer sends.
+pub(crate) const EVENTS_QUEUE: usize = 128;
 /// Subsystem recorded as the owner of fetched blobs.
 const FETCH_SUBSYSTEM: &str = "fetch";
 
@@ -136,7 +143,7 @@ impl Peer {
     }
 }
 
-type Events = mpsc::UnboundedReceiver<(PeerId, PeerEvent)>;
+type Events = mpsc::Receiver<(PeerId, PeerEvent)>;
 
 /// How far a fetch has its blob in the file without a gap: chunks
 /// `0..prefix`, the first `prefix_bytes` bytes, are verified and written
@@ -193,7 +200,7 @@ pub(crate) async fn fetch(
     }
 
     // 1. Sources.
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::channel(EVENTS_QUEUE);
     let writer_slot: Arc<OnceLock<Arc<PartialWriter>>> = Arc::new(OnceLock::new());
     let lanes = (daemon.config.limits.fetch_connections as usize)
         .div_ceil(req.from.len().max(1))
@@ -422,7 +429,7 @@ pub(crate) async fn fetch(
                     failure = Some(anyhow!("every source is gone{}", peer_errors(&peers)));
                 } else if last_event.elapsed() >= NO_PROGRESS_TIMEOUT {
                     failure = Some(anyhow!(
-                        "no source sent anything for {NO_PROGRESS_TIMEOUT:?}{}",
+                        "no chunk and no have-map arrived for {NO_PROGRESS_TIMEOUT:?}{}",
                         peer_errors(&peers)
                     ));
                 }
@@ -433,10 +440,10 @@ pub(crate) async fn fetch(
             failure = Some(anyhow!("every source is gone{}", peer_errors(&peers)));
             break;
         };
-        last_event = Instant::now();
         let p = peers.get_mut(&pid).expect("known peer");
         match ev {
             PeerEvent::Chunks(verdicts) => {
+                last_event = Instant::now();
                 let at = now();
                 for v in verdicts {
                     match sched.handle_data(at, pid, v.request, v.index, v.verdict) {
@@ -458,7 +465,9 @@ pub(crate) async fn fetch(
                 publish(&sched, &mut prefix);
             }
             PeerEvent::Frame(bytes) => {
-                on_frame(&mut sched, now(), &id, pid, p, &bytes, chunk_count)
+                if on_frame(&mut sched, now(), &id, pid, p, &bytes) {
+                    last_event = Instant::now();
+                }
             }
             PeerEvent::LocalError(e) => {
                 failure = Some(anyhow!("cannot write {id}: {e}"));
@@ -567,7 +576,7 @@ fn peer_errors(peers: &BTreeMap<PeerId, Peer>) -> String {
 async fn dial_all(
     daemon: &Arc<Daemon>,
     from: &[String],
-    events: &mpsc::UnboundedSender<(PeerId, PeerEvent)>,
+    events: &mpsc::Sender<(PeerId, PeerEvent)>,
     writer: &Arc<OnceLock<Arc<PartialWriter>>>,
     intakes: &Arc<FetchIntakes>,
 ) -> Result<BTreeMap<PeerId, Peer>> {
@@ -655,49 +664,135 @@ async fn dial_all(
     Ok(peers)
 }
 
-/// Step 1: the manifest, verified part by part.
+/// How long a source owing manifest pages may send none before it is
+/// dropped from the fetch and its pages asked of the others (as long as a
+/// source owing chunks may, in the scheduler).
+const PAGE_STALL: Duration = SchedConfig::DEFAULT.peer_stall_timeout;
+
+/// Manifest pages asked and not yet received, and since when each source
+/// owing some has sent none.
+#[derive(Default)]
+struct PageAsks {
+    owed: BTreeMap<u32, PeerId>,
+    since: BTreeMap<PeerId, Instant>,
+}
+
+impl PageAsks {
+    fn ask(&mut self, page: u32, from: PeerId, now: Instant) {
+        self.owed.insert(page, from);
+        self.since.entry(from).or_insert(now);
+    }
+
+    /// `from` sent `page` (asked of it or of another source).
+    fn received(&mut self, page: u32, from: PeerId, now: Instant) {
+        let owner = self.owed.remove(&page);
+        for pid in owner.into_iter().chain([from]) {
+            if !self.owed.values().any(|&p| p == pid) {
+                self.since.remove(&pid);
+            } else if pid == from {
+                self.since.insert(pid, now);
+            }
+        }
+    }
+
+    /// `pid` will send no more pages: what it owed is to be asked again.
+    fn forget(&mut self, pid: PeerId) {
+        self.owed.retain(|_, &mut p| p != pid);
+        self.since.remove(&pid);
+    }
+
+    fn is_owed(&self, page: u32) -> bool {
+        self.owed.contains_key(&page)
+    }
+
+    /// When the next source owing pages is overdue.
+    fn next_overdue(&self) -> Option<Instant> {
+        self.since.values().min().map(|&t| t + PAGE_STALL)
+    }
+
+    /// Sources owing pages that sent none for [`PAGE_STALL`].
+    fn overdue(&self, now: Instant) -> Vec<PeerId> {
+        self.since
+            .iter()
+            .filter(|&(_, &t)| now >= t + PAGE_STALL)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+}
+
+/// Step 1: the manifest, verified part by part. Pages are asked round robin
+/// of the sources that sent the root; a source that stops sending them
+/// ([`PAGE_STALL`]), leaves or sends a bad one is dropped and what it owed
+/// is asked of the others. Only a verified root or page counts as progress:
+/// a source that just keeps its connection alive does not hold the fetch.
 async fn receive_manifest(
     id: &BlobId,
     peers: &mut BTreeMap<PeerId, Peer>,
     events: &mut Events,
 ) -> Result<Manifest> {
     let mut asm = ManifestAssembler::new(*id, ManifestLimits::default());
-    let mut pages_asked = false;
+    let mut asks = PageAsks::default();
+    let mut progress = Instant::now();
     loop {
-        if asm.root().is_some() && asm.pages_missing().next().is_none() {
+        if asm.is_complete() {
             return asm
                 .finish()
                 .map(|(m, _)| m)
                 .ok_or_else(|| anyhow!("manifest of {id} does not assemble"));
         }
-        if !pages_asked && asm.root().is_some() {
-            pages_asked = true;
+        if peers.values().all(|p| !p.alive() || p.not_found) {
+            bail!("none of the sources holds {id}{}", peer_errors(peers));
+        }
+        let unasked: Vec<u32> = asm.pages_missing().filter(|&p| !asks.is_owed(p)).collect();
+        if !unasked.is_empty() {
             let holders: Vec<PeerId> = peers
                 .iter()
-                .filter(|(_, p)| p.alive() && p.root_answered)
+                .filter(|(_, p)| p.alive() && p.root_answered && !p.not_found)
                 .map(|(&k, _)| k)
                 .collect();
-            if holders.is_empty() {
+            let may_answer = peers
+                .values()
+                .any(|p| p.alive() && !p.root_answered && !p.not_found);
+            if holders.is_empty() && !may_answer {
                 bail!(
                     "every source that sent the manifest root of {id} is gone{}",
                     peer_errors(peers)
                 );
             }
-            let missing: Vec<u32> = asm.pages_missing().collect();
-            for (i, page) in missing.into_iter().enumerate() {
-                let pid = holders[i % holders.len()];
-                if let Some(c) = peers[&pid].first() {
+            let now = Instant::now();
+            for (page, pid) in unasked.into_iter().zip(holders.iter().cycle()) {
+                if let Some(c) = peers[pid].first() {
                     c.send(encode(&Frame::GetManifestPage { blob: *id, page }))
                         .await;
                 }
+                asks.ask(page, *pid, now);
             }
         }
-        if peers.values().all(|p| !p.alive() || p.not_found) {
-            bail!("none of the sources holds {id}{}", peer_errors(peers));
-        }
-        let Ok(Some((pid, ev))) = tokio::time::timeout(NO_PROGRESS_TIMEOUT, events.recv()).await
-        else {
-            bail!("no source answered for the manifest of {id} within {NO_PROGRESS_TIMEOUT:?}");
+        let give_up = progress + NO_PROGRESS_TIMEOUT;
+        let wake = asks.next_overdue().map_or(give_up, |t| t.min(give_up));
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                if now >= give_up {
+                    bail!(
+                        "no source sent the manifest of {id} for {NO_PROGRESS_TIMEOUT:?}{}",
+                        peer_errors(peers)
+                    );
+                }
+                for pid in asks.overdue(now) {
+                    let p = peers.get_mut(&pid).expect("known peer");
+                    let why = format!("sent no manifest page for {PAGE_STALL:?}");
+                    tracing::warn!("source {} {why}: dropped from the fetch of {id}", p.addr);
+                    p.close(CloseCode::IDLE, &why).await;
+                    p.error = Some(why);
+                    asks.forget(pid);
+                }
+                continue;
+            }
+        };
+        let Some((pid, ev)) = ev else {
+            bail!("every source is gone{}", peer_errors(peers));
         };
         let p = peers.get_mut(&pid).expect("known peer");
         let bytes = match ev {
@@ -706,10 +801,7 @@ async fn receive_manifest(
                 p.drop_lane(lane);
                 if !p.alive() {
                     p.error.get_or_insert(why);
-                }
-                if pages_asked && asm.pages_missing().next().is_some() {
-                    // Ask the survivors for everything still missing.
-                    pages_asked = false;
+                    asks.forget(pid);
                 }
                 continue;
             }
@@ -718,36 +810,42 @@ async fn receive_manifest(
         let Some(frame) = decode_one(&bytes) else {
             continue;
         };
-        let bad = |p: &mut Peer, why: String| {
+        let mut bad = async |p: &mut Peer, why: String| {
             tracing::warn!("source {} sent a bad manifest part for {id}: {why}", p.addr);
+            p.close(CloseCode::PROTOCOL, "bad manifest part").await;
             p.error = Some(why);
             p.banned = true;
+            asks.forget(pid);
         };
         match frame {
             Frame::Hello(h) => p.hello = Some(h),
             Frame::ManifestRoot { blob, root } if blob == *id => {
                 p.root_answered = true;
-                if let Err(e) = asm.handle_root(root) {
-                    bad(p, format!("root: {e}"));
-                    p.close(CloseCode::PROTOCOL, "bad manifest root").await;
-                } else if pages_asked {
-                    // A late holder: it can serve pages another peer owes.
+                let first = asm.root().is_none();
+                match asm.handle_root(root) {
+                    Err(e) => bad(p, format!("root: {e}")).await,
+                    Ok(()) if first => progress = Instant::now(),
+                    Ok(()) => {}
                 }
             }
             Frame::ManifestPage { blob, page, bytes } if blob == *id => {
-                if let Err(e) = asm.handle_page(page, bytes) {
-                    bad(p, format!("page {page}: {e}"));
-                    p.close(CloseCode::PROTOCOL, "bad manifest page").await;
-                    pages_asked = false;
+                let missing = asm.pages_missing().any(|m| m == page);
+                match asm.handle_page(page, bytes) {
+                    Err(e) => bad(p, format!("page {page}: {e}")).await,
+                    Ok(()) => {
+                        let now = Instant::now();
+                        asks.received(page, pid, now);
+                        if missing {
+                            progress = now;
+                        }
+                    }
                 }
             }
             Frame::NotFound { blob } if blob == *id => {
                 p.not_found = true;
                 p.error
                     .get_or_insert_with(|| "does not hold the blob".into());
-                if pages_asked && asm.pages_missing().next().is_some() {
-                    pages_asked = false;
-                }
+                asks.forget(pid);
             }
             Frame::Have(h) if h.blob == *id => p.have = Some(bytes),
             _ => {}
@@ -794,6 +892,8 @@ fn try_join(sched: &mut Scheduler, now: substrate::Timestamp, pid: PeerId, p: &m
     }
 }
 
+/// Handles a frame from a source during the chunk phase; `true` if it tells
+/// what the source holds (which counts as the fetch going on).
 fn on_frame(
     sched: &mut Scheduler,
     now: substrate::Timestamp,
@@ -801,10 +901,9 @@ fn on_frame(
     pid: PeerId,
     p: &mut Peer,
     bytes: &[u8],
-    _chunk_count: u64,
-) {
+) -> bool {
     let Some(frame) = decode_one(bytes) else {
-        return;
+        return false;
     };
     match frame {
         Frame::Hello(h) => {
@@ -820,6 +919,7 @@ fn on_frame(
                 p.have = Some(bytes.to_vec());
                 try_join(sched, now, pid, p);
             }
+            return true;
         }
         Frame::Reject { request, code } => sched.handle_reject(now, pid, request, code),
         Frame::NotFound { blob } if blob == *id => {
@@ -830,6 +930,7 @@ fn on_frame(
         // Late manifest parts (we had them already) and anything else.
         _ => {}
     }
+    false
 }
 
 impl Daemon {

@@ -390,7 +390,10 @@ async fn work(
                 let (mut batch, verdicts) = match done {
                     Ok(d) => d,
                     Err(why) => {
-                        let _ = tap.events.send((tap.peer, PeerEvent::LocalError(why)));
+                        let _ = tap
+                            .events
+                            .send((tap.peer, PeerEvent::LocalError(why)))
+                            .await;
                         return;
                     }
                 };
@@ -406,9 +409,12 @@ async fn work(
                             bytes,
                         })
                         .collect();
-                    let _ = tap.events.send((tap.peer, PeerEvent::Chunks(verdicts)));
+                    let _ = tap
+                        .events
+                        .send((tap.peer, PeerEvent::Chunks(verdicts)))
+                        .await;
                 }
-                send_frames(&tap, &mut batch);
+                send_frames(&tap, &mut batch).await;
                 batch.buf.clear();
                 batch.chunks.clear();
                 batch.payload_bytes = 0;
@@ -438,9 +444,9 @@ fn start_write(
     })
 }
 
-fn send_frames(tap: &Tap, batch: &mut Batch) {
+async fn send_frames(tap: &Tap, batch: &mut Batch) {
     for frame in batch.frames.drain(..) {
-        let _ = tap.events.send((tap.peer, PeerEvent::Frame(frame)));
+        let _ = tap.events.send((tap.peer, PeerEvent::Frame(frame))).await;
     }
 }
 
@@ -464,7 +470,7 @@ mod tests {
         engine::manifest::Manifest,
         Vec<u8>,
         Intake,
-        mpsc::UnboundedReceiver<(PeerId, PeerEvent)>,
+        mpsc::Receiver<(PeerId, PeerEvent)>,
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let params = ChunkerParams::with_avg(4096).unwrap();
@@ -478,7 +484,8 @@ mod tests {
         let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &data);
         store.begin_partial(&m, &Owner::new(0, "test")).unwrap();
         let writer = store.partial_writer(&m.id()).unwrap();
-        let (events, rx) = mpsc::unbounded_channel();
+        // Room for every event of a test: nothing waits on the receiver.
+        let (events, rx) = mpsc::channel(1 << 16);
         let tap = Tap {
             peer: PeerId(7),
             lane: 0,
