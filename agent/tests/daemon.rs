@@ -1006,54 +1006,115 @@ fn a_flood_of_bad_chunk_reports_is_cut_off() {
 }
 
 /// Manifest requests are charged to `limits.requests_per_s` like chunk
-/// requests: 164 page requests at once against 100/s (burst 64) are all
-/// answered, the last of them no sooner than a second later.
+/// requests: against 100/s (burst 64), 64 page requests are answered at
+/// once, the 40 asked next no sooner than 0.4 s later.
 #[test]
 fn manifest_requests_are_paced_by_the_request_rate() {
     use agent::identity::HostKey;
     use substrate::wire::{self, Decoder, Frame, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const ASKED: usize = 164;
+    // The admission burst (64), then 40 more at 100 a second.
+    const WAVES: [usize; 2] = [64, 40];
     let intruder = HostKey::generate().unwrap();
     let mut a = Envoy::with_extra("limits:\n  requests_per_s: 100\n");
     a.allow = vec![intruder.public().to_string()];
     a.write_config();
     a.start();
     let id = a.add(&a.file("blob", &random(1 << 20, 24)));
+    let asks = |n: usize| {
+        let mut asks = Vec::new();
+        for _ in 0..n {
+            let ask = Frame::GetManifestPage {
+                blob: id.parse().unwrap(),
+                page: 0,
+            };
+            wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
+        }
+        asks
+    };
+    let took = runtime().block_on(async {
+        let mut stream = raw_connect(&intruder, &a).await;
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut took = Vec::new();
+        for wave in WAVES {
+            let start = Instant::now();
+            stream.write_all(&asks(wave)).await.unwrap();
+            stream.flush().await.unwrap();
+            let mut pages = 0;
+            while pages < wave {
+                let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                    .expect("A answers")
+                    .unwrap();
+                assert!(n > 0, "A closed after {pages} pages");
+                decoder.feed(&buf[..n]);
+                while let Some(f) = decoder.poll_frame().unwrap() {
+                    pages += usize::from(matches!(f, Frame::ManifestPage { .. }));
+                }
+            }
+            took.push(start.elapsed());
+        }
+        took
+    });
+    assert!(
+        took[1] >= Duration::from_millis(350),
+        "{} pages past the burst in {:?} at 100 requests/s",
+        WAVES[1],
+        took[1]
+    );
+}
+
+/// A peer that queues more manifest requests than the daemon answers
+/// (here 1000 at once, past the burst at 100 a second) is cut off: the
+/// connection's writer is not its to hold.
+#[test]
+fn a_flood_of_manifest_requests_is_cut_off() {
+    use agent::identity::HostKey;
+    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let intruder = HostKey::generate().unwrap();
+    let mut a = Envoy::with_extra("limits:\n  requests_per_s: 100\n");
+    a.allow = vec![intruder.public().to_string()];
+    a.write_config();
+    a.start();
+    let id = a.add(&a.file("blob", &random(1 << 20, 25)));
     let mut asks = Vec::new();
-    for _ in 0..ASKED {
-        let ask = Frame::GetManifestPage {
+    for _ in 0..1000 {
+        let ask = Frame::GetManifest {
             blob: id.parse().unwrap(),
-            page: 0,
         };
         wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
     }
-    let (pages, took) = runtime().block_on(async {
+    let close = runtime().block_on(async {
         let mut stream = raw_connect(&intruder, &a).await;
-        let start = Instant::now();
         stream.write_all(&asks).await.unwrap();
         stream.flush().await.unwrap();
         let mut decoder = Decoder::new(Limits::DEFAULT);
-        let mut pages = 0;
         let mut buf = vec![0u8; 64 << 10];
-        while pages < ASKED && start.elapsed() < Duration::from_secs(20) {
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
                 .await
-                .expect("A answers")
-                .unwrap();
-            assert!(n > 0, "A closed after {pages} pages");
+                .expect("A closes the connection")
+                .unwrap_or(0);
+            assert!(n > 0, "A ended the stream without a Close frame");
             decoder.feed(&buf[..n]);
             while let Some(f) = decoder.poll_frame().unwrap() {
-                pages += usize::from(matches!(f, Frame::ManifestPage { .. }));
+                if let Frame::Close { code, text } = f {
+                    return (code, text.to_owned());
+                }
             }
         }
-        (pages, start.elapsed())
     });
-    assert_eq!(pages, ASKED);
+    assert_eq!(close.0, CloseCode::PROTOCOL, "{}", close.1);
     assert!(
-        took >= Duration::from_millis(900),
-        "{ASKED} pages in {took:?} at 100 requests/s"
+        close
+            .1
+            .contains("more than 64 manifest requests unanswered"),
+        "{}",
+        close.1
     );
 }
 

@@ -29,7 +29,7 @@
 //! batch → the aligned slab of a direct write.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -105,8 +105,9 @@ enum Out {
     /// A request from the peer, for the uploader.
     Request(Request),
     Cancel(wire::RequestId),
-    GetManifest(BlobId),
-    GetManifestPage(BlobId, u32),
+    /// `GetManifest` (page `None`) or `GetManifestPage`, counted while
+    /// queued ([`ManifestQueue`]).
+    Manifest(BlobId, Option<u32>, Queued),
     /// Close with a code and reason after what is queued.
     Close(CloseCode, String),
 }
@@ -260,6 +261,7 @@ async fn read_frames(
     let idle = daemon.config.idle_timeout();
     let mut shutdown = daemon.shutting_down();
     let mut reports = BadChunkReports::default();
+    let manifests = ManifestQueue::default();
     let epoch = Instant::now();
     let mut haves = TokenBucket::new(substrate::Timestamp::ZERO, HAVES_PER_S, HAVES_BURST);
     loop {
@@ -315,6 +317,10 @@ async fn read_frames(
             let handled = match frame {
                 Frame::BadChunk { blob, chunk_index } => {
                     reports.report(daemon, out, peer, blob, chunk_index).await
+                }
+                Frame::GetManifest { blob } => manifests.queue(out, peer, blob, None).await,
+                Frame::GetManifestPage { blob, page } => {
+                    manifests.queue(out, peer, blob, Some(page)).await
                 }
                 Frame::Have(_) if !within_rate(&mut haves, epoch) => {
                     let why = format!("more than {HAVES_PER_S} Have frames a second");
@@ -376,14 +382,10 @@ async fn on_frame(
             }
             return Err(format!("peer closed: code {} {text}", code.0));
         }
-        Frame::GetManifest { blob } => to_writer(Out::GetManifest(blob)).await?,
-        Frame::GetManifestPage { blob, page } => {
-            to_writer(Out::GetManifestPage(blob, page)).await?
-        }
         Frame::Request(r) => to_writer(Out::Request(r)).await?,
         Frame::Cancel { request } => to_writer(Out::Cancel(request)).await?,
-        // `read_frames` takes these first (`BadChunkReports`).
-        Frame::BadChunk { .. } => {}
+        // `read_frames` takes these first (`BadChunkReports`, `ManifestQueue`).
+        Frame::BadChunk { .. } | Frame::GetManifest { .. } | Frame::GetManifestPage { .. } => {}
         Frame::ManifestRoot { .. }
         | Frame::ManifestPage { .. }
         | Frame::NotFound { .. }
@@ -432,6 +434,50 @@ async fn violation(out: &mpsc::Sender<Out>, peer: PeerKey, why: &str) -> Result<
         .send(Out::Close(CloseCode::PROTOCOL, why.to_owned()))
         .await;
     Err(format!("protocol violation: {why}"))
+}
+
+/// Manifest requests a peer may have waiting for answers on one connection.
+/// Answers are paced by the request and upload rates, and the writer works
+/// through them one by one: a peer queueing more would hold the writer (and
+/// whatever else is queued for it, a `Close` too) for as long as it likes.
+/// A fetch asks [`super::fetch`]'s `PAGE_WINDOW` (16) pages of a source at
+/// once.
+const MANIFEST_REQUESTS_QUEUED_MAX: usize = 64;
+
+/// The manifest requests of one connection waiting for the writer.
+#[derive(Default)]
+struct ManifestQueue(Arc<AtomicUsize>);
+
+/// One of them: counted until the writer is done with it.
+struct Queued(Arc<AtomicUsize>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ManifestQueue {
+    /// Queues a manifest request for the writer, or closes the connection
+    /// past [`MANIFEST_REQUESTS_QUEUED_MAX`].
+    async fn queue(
+        &self,
+        out: &mpsc::Sender<Out>,
+        peer: PeerKey,
+        blob: BlobId,
+        page: Option<u32>,
+    ) -> Result<(), String> {
+        if self.0.load(Ordering::Relaxed) >= MANIFEST_REQUESTS_QUEUED_MAX {
+            let why =
+                format!("more than {MANIFEST_REQUESTS_QUEUED_MAX} manifest requests unanswered");
+            return violation(out, peer, &why).await;
+        }
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let queued = Queued(Arc::clone(&self.0));
+        out.send(Out::Manifest(blob, page, queued))
+            .await
+            .map_err(|_| "writer gone".to_string())
+    }
 }
 
 /// `Have` frames a connection may send per second, and in a burst: each
@@ -701,11 +747,8 @@ async fn handle_out<W: AsyncWrite + Unpin>(
             }
         }
         Out::Cancel(id) => uploader.handle_cancel(now(epoch), id),
-        Out::GetManifest(blob) => {
-            answer_manifest_request(daemon, w, uploader, epoch, blob, None).await?
-        }
-        Out::GetManifestPage(blob, page) => {
-            answer_manifest_request(daemon, w, uploader, epoch, blob, Some(page)).await?
+        Out::Manifest(blob, page, _queued) => {
+            answer_manifest_request(daemon, w, uploader, epoch, blob, page).await?
         }
     }
     Ok(false)

@@ -501,6 +501,10 @@ pub(crate) async fn fetch(
 
     // 4./5. Commit what was written (also on failure: resume keeps it).
     drop(sched);
+    // Nothing reads them from here on: connections with more to tell stop
+    // waiting for room and end, instead of holding their slots until the
+    // seal is done.
+    drop(events);
     if let Some(c) = commit.take() {
         c.await??;
     }
@@ -664,30 +668,62 @@ async fn dial_all(
     Ok(peers)
 }
 
-/// How long a source owing manifest pages may send none before it is
-/// dropped from the fetch and its pages asked of the others (as long as a
-/// source owing chunks may, in the scheduler).
+/// How long a source owing manifest pages may send none before its pages
+/// are asked of another source that sent the root (as long as a source
+/// owing chunks may, in the scheduler). It is then dropped from the fetch;
+/// the only source that can send them is not (a slow source is still one).
 const PAGE_STALL: Duration = SchedConfig::DEFAULT.peer_stall_timeout;
+/// Manifest pages asked of one source at once (each up to ~176 KiB):
+/// asking for all pages of a large blob at once queued them in both
+/// daemons' connection queues, where neither side could drain them (the
+/// fetch's events are bounded, [`EVENTS_QUEUE`]).
+const PAGE_WINDOW: usize = 16;
 
-/// Manifest pages asked and not yet received, and since when each source
-/// owing some has sent none.
+/// Which manifest pages are to ask, asked and not yet received, and since
+/// when each source owing some has sent none.
 #[derive(Default)]
 struct PageAsks {
+    /// Pages from here on were never asked.
+    next: u32,
+    /// Pages asked of a source that then left, to ask again.
+    again: std::collections::BTreeSet<u32>,
     owed: BTreeMap<u32, PeerId>,
     since: BTreeMap<PeerId, Instant>,
 }
 
 impl PageAsks {
+    /// The next page to ask for, of `pages`, that is not here (`has`).
+    fn next_page(&mut self, pages: u32, has: impl Fn(u32) -> bool) -> Option<u32> {
+        while let Some(page) = self.again.pop_first() {
+            if !has(page) {
+                return Some(page);
+            }
+        }
+        while self.next < pages {
+            self.next += 1;
+            if !has(self.next - 1) {
+                return Some(self.next - 1);
+            }
+        }
+        None
+    }
+
     fn ask(&mut self, page: u32, from: PeerId, now: Instant) {
         self.owed.insert(page, from);
         self.since.entry(from).or_insert(now);
     }
 
-    /// `from` sent `page` (asked of it or of another source).
+    /// Pages `pid` owes.
+    fn owed_by(&self, pid: PeerId) -> usize {
+        self.owed.values().filter(|&&p| p == pid).count()
+    }
+
+    /// `from` sent `page`, which was missing (asked of it or of another
+    /// source).
     fn received(&mut self, page: u32, from: PeerId, now: Instant) {
         let owner = self.owed.remove(&page);
         for pid in owner.into_iter().chain([from]) {
-            if !self.owed.values().any(|&p| p == pid) {
+            if self.owed_by(pid) == 0 {
                 self.since.remove(&pid);
             } else if pid == from {
                 self.since.insert(pid, now);
@@ -697,12 +733,14 @@ impl PageAsks {
 
     /// `pid` will send no more pages: what it owed is to be asked again.
     fn forget(&mut self, pid: PeerId) {
-        self.owed.retain(|_, &mut p| p != pid);
+        let again = &mut self.again;
+        self.owed.retain(|&page, &mut p| {
+            if p == pid {
+                again.insert(page);
+            }
+            p != pid
+        });
         self.since.remove(&pid);
-    }
-
-    fn is_owed(&self, page: u32) -> bool {
-        self.owed.contains_key(&page)
     }
 
     /// When the next source owing pages is overdue.
@@ -720,11 +758,21 @@ impl PageAsks {
     }
 }
 
+/// Sources that sent the root and may still send pages.
+fn page_holders(peers: &BTreeMap<PeerId, Peer>) -> Vec<PeerId> {
+    peers
+        .iter()
+        .filter(|(_, p)| p.alive() && p.root_answered && !p.not_found)
+        .map(|(&k, _)| k)
+        .collect()
+}
+
 /// Step 1: the manifest, verified part by part. Pages are asked round robin
-/// of the sources that sent the root; a source that stops sending them
-/// ([`PAGE_STALL`]), leaves or sends a bad one is dropped and what it owed
-/// is asked of the others. Only a verified root or page counts as progress:
-/// a source that just keeps its connection alive does not hold the fetch.
+/// of the sources that sent the root, [`PAGE_WINDOW`] at a time each; a
+/// source that leaves or sends a bad page is dropped, one that stops
+/// sending them ([`PAGE_STALL`]) too when another can, and what it owed is
+/// asked of the others. Only a verified root or page counts as progress: a
+/// source that just keeps its connection alive does not hold the fetch.
 async fn receive_manifest(
     id: &BlobId,
     peers: &mut BTreeMap<PeerId, Peer>,
@@ -733,6 +781,7 @@ async fn receive_manifest(
     let mut asm = ManifestAssembler::new(*id, ManifestLimits::default());
     let mut asks = PageAsks::default();
     let mut progress = Instant::now();
+    let mut turn = 0usize;
     loop {
         if asm.is_complete() {
             return asm
@@ -743,13 +792,8 @@ async fn receive_manifest(
         if peers.values().all(|p| !p.alive() || p.not_found) {
             bail!("none of the sources holds {id}{}", peer_errors(peers));
         }
-        let unasked: Vec<u32> = asm.pages_missing().filter(|&p| !asks.is_owed(p)).collect();
-        if !unasked.is_empty() {
-            let holders: Vec<PeerId> = peers
-                .iter()
-                .filter(|(_, p)| p.alive() && p.root_answered && !p.not_found)
-                .map(|(&k, _)| k)
-                .collect();
+        if let Some(pages) = asm.root().map(|r| r.pages.len() as u32) {
+            let holders = page_holders(peers);
             let may_answer = peers
                 .values()
                 .any(|p| p.alive() && !p.root_answered && !p.not_found);
@@ -760,12 +804,25 @@ async fn receive_manifest(
                 );
             }
             let now = Instant::now();
-            for (page, pid) in unasked.into_iter().zip(holders.iter().cycle()) {
-                if let Some(c) = peers[pid].first() {
+            let mut room: Vec<usize> = holders
+                .iter()
+                .map(|&h| PAGE_WINDOW.saturating_sub(asks.owed_by(h)))
+                .collect();
+            while room.iter().any(|&r| r > 0) {
+                let Some(page) = asks.next_page(pages, |p| asm.has_page(p)) else {
+                    break;
+                };
+                while room[turn % holders.len()] == 0 {
+                    turn += 1;
+                }
+                let k = turn % holders.len();
+                turn += 1;
+                room[k] -= 1;
+                if let Some(c) = peers[&holders[k]].first() {
                     c.send(encode(&Frame::GetManifestPage { blob: *id, page }))
                         .await;
                 }
-                asks.ask(page, *pid, now);
+                asks.ask(page, holders[k], now);
             }
         }
         let give_up = progress + NO_PROGRESS_TIMEOUT;
@@ -780,7 +837,14 @@ async fn receive_manifest(
                         peer_errors(peers)
                     );
                 }
+                let holders = page_holders(peers);
                 for pid in asks.overdue(now) {
+                    if holders.iter().all(|&h| h == pid) {
+                        // The only source for them: a slow one is still
+                        // one (NO_PROGRESS_TIMEOUT decides).
+                        asks.since.insert(pid, now);
+                        continue;
+                    }
                     let p = peers.get_mut(&pid).expect("known peer");
                     let why = format!("sent no manifest page for {PAGE_STALL:?}");
                     tracing::warn!("source {} {why}: dropped from the fetch of {id}", p.addr);
@@ -801,8 +865,10 @@ async fn receive_manifest(
                 p.drop_lane(lane);
                 if !p.alive() {
                     p.error.get_or_insert(why);
-                    asks.forget(pid);
                 }
+                // Its pages were asked on its first connection, which may
+                // be the one that closed: ask them again.
+                asks.forget(pid);
                 continue;
             }
             PeerEvent::Chunks(_) | PeerEvent::LocalError(_) => continue,
@@ -829,16 +895,16 @@ async fn receive_manifest(
                 }
             }
             Frame::ManifestPage { blob, page, bytes } if blob == *id => {
-                let missing = asm.pages_missing().any(|m| m == page);
+                // A page already here is not checked again: it proves
+                // nothing, and counts for nothing.
+                let missing = asm.root().is_some() && !asm.has_page(page);
                 match asm.handle_page(page, bytes) {
                     Err(e) => bad(p, format!("page {page}: {e}")).await,
-                    Ok(()) => {
-                        let now = Instant::now();
-                        asks.received(page, pid, now);
-                        if missing {
-                            progress = now;
-                        }
+                    Ok(()) if missing => {
+                        progress = Instant::now();
+                        asks.received(page, pid, progress);
                     }
+                    Ok(()) => {}
                 }
             }
             Frame::NotFound { blob } if blob == *id => {
@@ -961,5 +1027,43 @@ impl Drop for FetchGuard {
             .lock()
             .expect("poisoned")
             .remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages go out in order, each once; what a source that left owed comes
+    /// back first; a page sent by another source than the one asked is
+    /// no longer owed by either, and only the sender's clock restarts.
+    #[test]
+    fn page_asks_track_who_owes_what() {
+        let (a, b) = (PeerId(0), PeerId(1));
+        let t0 = Instant::now();
+        let mut asks = PageAsks::default();
+        let here = |p: u32| p == 2;
+        let mut asked = Vec::new();
+        while let Some(p) = asks.next_page(6, here) {
+            asks.ask(p, if p % 2 == 0 { a } else { b }, t0);
+            asked.push(p);
+        }
+        assert_eq!(asked, [0, 1, 3, 4, 5], "page 2 is here already");
+        assert_eq!((asks.owed_by(a), asks.owed_by(b)), (2, 3));
+        assert_eq!(asks.next_overdue(), Some(t0 + PAGE_STALL));
+        let t1 = t0 + Duration::from_secs(3);
+        // B sends page 0, which A owed.
+        asks.received(0, b, t1);
+        assert_eq!((asks.owed_by(a), asks.owed_by(b)), (1, 3));
+        assert_eq!(asks.overdue(t0 + PAGE_STALL), [a], "B sent one since");
+        asks.forget(a);
+        assert_eq!(asks.owed_by(a), 0);
+        assert_eq!(asks.next_page(6, here), Some(4), "A's page again");
+        assert_eq!(asks.next_page(6, here), None);
+        // B's last owed page arrives: it owes nothing, no clock runs.
+        for p in [1, 3, 5] {
+            asks.received(p, b, t1);
+        }
+        assert_eq!(asks.next_overdue(), None);
     }
 }

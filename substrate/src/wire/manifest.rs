@@ -69,6 +69,11 @@ impl ManifestAssembler {
             .map(|(i, _)| i as u32)
     }
 
+    /// Whether page `page` has arrived and verified.
+    pub fn has_page(&self, page: u32) -> bool {
+        self.pages.get(page as usize).is_some_and(Option::is_some)
+    }
+
     /// Checks page `page`'s bytes against the verified root. A page already
     /// received is ignored.
     pub fn handle_page(&mut self, page: u32, bytes: &[u8]) -> Result<(), ManifestError> {
