@@ -111,3 +111,104 @@ pub fn recv_with_fds(
     }
     Ok(n)
 }
+
+/// Runs the calling thread at a raised scheduling priority (nice
+/// `nice`, negative) until dropped, then at its earlier one: a fetch's
+/// chunk writers ([`crate::daemon`]'s intake), whose wake-up after each
+/// direct write completes decides when a connection's reader gets its batch
+/// back. At the default priority they waited for a time slice behind the
+/// readers and senders while the disk had long finished, and the readers
+/// waited on them with the CPU idle (see `ARCHITECTURE.md`, "Writer
+/// priority"). Linux only: elsewhere a thread's priority is the process's.
+/// A daemon without the right to raise priorities (not root, no
+/// `CAP_SYS_NICE`) runs them as before.
+pub struct Urgent {
+    #[cfg(target_os = "linux")]
+    previous: Option<libc::c_int>,
+}
+
+impl Urgent {
+    pub fn raise(nice: i32) -> Urgent {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: gettid/getpriority/setpriority only read or change
+            // this thread's scheduling priority.
+            unsafe {
+                let tid = libc::gettid() as libc::id_t;
+                *libc::__errno_location() = 0;
+                let previous = libc::getpriority(libc::PRIO_PROCESS, tid);
+                let known = previous != -1 || *libc::__errno_location() == 0;
+                let raised = known
+                    && previous > nice
+                    && libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0;
+                Urgent {
+                    previous: raised.then_some(previous),
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = nice;
+            Urgent {}
+        }
+    }
+
+    /// Whether the priority was raised.
+    pub fn raised(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.previous.is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(previous) = self.previous {
+            // SAFETY: as in `raise`.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, previous);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the right to (root with `CAP_SYS_NICE`) the priority is raised
+    /// for this thread only and given back; without it nothing changes.
+    #[test]
+    fn urgent_raises_this_thread_only_and_gives_it_back() {
+        #[cfg(target_os = "linux")]
+        std::thread::spawn(|| {
+            // SAFETY: reading priorities only.
+            let nice = |tid: libc::pid_t| unsafe {
+                libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t)
+            };
+            let me = unsafe { libc::gettid() };
+            let before = nice(me);
+            let other = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                nice(unsafe { libc::gettid() })
+            });
+            let urgent = Urgent::raise(-10);
+            if urgent.raised() {
+                assert_eq!(nice(me), -10);
+            } else {
+                eprintln!(
+                    "NOTE: this process may not raise priorities (no CAP_SYS_NICE): \
+                     only the fallback ran"
+                );
+                assert_eq!(nice(me), before);
+            }
+            assert_eq!(other.join().unwrap(), before, "other threads unchanged");
+            drop(urgent);
+            assert_eq!(nice(me), before);
+        })
+        .join()
+        .unwrap();
+    }
+}
