@@ -184,23 +184,32 @@ mod tests {
     fn urgent_raises_this_thread_only_and_gives_it_back() {
         #[cfg(target_os = "linux")]
         std::thread::spawn(|| {
+            use std::sync::{Arc, Barrier};
             // SAFETY: reading priorities only.
             let nice = |tid: libc::pid_t| unsafe {
                 libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t)
             };
             let me = unsafe { libc::gettid() };
             let before = nice(me);
-            let other = std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                nice(unsafe { libc::gettid() })
-            });
+            let (raised, read) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+            let other = {
+                let (raised, read) = (Arc::clone(&raised), Arc::clone(&read));
+                std::thread::spawn(move || {
+                    raised.wait();
+                    let n = nice(unsafe { libc::gettid() });
+                    read.wait();
+                    n
+                })
+            };
             let urgent = Urgent::raise(-10);
+            raised.wait();
+            read.wait();
             if urgent.raised() {
                 assert_eq!(nice(me), -10);
             } else {
                 eprintln!(
                     "NOTE: this process may not raise priorities (no CAP_SYS_NICE): \
-                     only the fallback ran"
+                     only the fallback ran, the raised path was NOT tested"
                 );
                 assert_eq!(nice(me), before);
             }

@@ -1007,7 +1007,7 @@ fn a_flood_of_bad_chunk_reports_is_cut_off() {
 
 /// Manifest requests are charged to `limits.requests_per_s` like chunk
 /// requests: against 100/s (burst 64), 64 page requests are answered at
-/// once, the 40 asked next no sooner than 0.4 s later.
+/// once, the 40 asked next no sooner than 0.4 s after the first.
 #[test]
 fn manifest_requests_are_paced_by_the_request_rate() {
     use agent::identity::HostKey;
@@ -1037,9 +1037,10 @@ fn manifest_requests_are_paced_by_the_request_rate() {
         let mut stream = raw_connect(&intruder, &a).await;
         let mut decoder = Decoder::new(Limits::DEFAULT);
         let mut buf = vec![0u8; 64 << 10];
-        let mut took = Vec::new();
+        // From the first ask: the bucket refills while the first wave is
+        // answered, whatever that takes.
+        let start = Instant::now();
         for wave in WAVES {
-            let start = Instant::now();
             stream.write_all(&asks(wave)).await.unwrap();
             stream.flush().await.unwrap();
             let mut pages = 0;
@@ -1054,15 +1055,13 @@ fn manifest_requests_are_paced_by_the_request_rate() {
                     pages += usize::from(matches!(f, Frame::ManifestPage { .. }));
                 }
             }
-            took.push(start.elapsed());
         }
-        took
+        start.elapsed()
     });
     assert!(
-        took[1] >= Duration::from_millis(350),
-        "{} pages past the burst in {:?} at 100 requests/s",
+        took >= Duration::from_millis(350),
+        "{} pages past the burst of 64 answered {took:?} after the first ask, at 100 requests/s",
         WAVES[1],
-        took[1]
     );
 }
 

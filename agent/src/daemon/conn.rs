@@ -29,7 +29,7 @@
 //! batch → the aligned slab of a direct write.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -446,14 +446,28 @@ const MANIFEST_REQUESTS_QUEUED_MAX: usize = 64;
 
 /// The manifest requests of one connection waiting for the writer.
 #[derive(Default)]
-struct ManifestQueue(Arc<AtomicUsize>);
+struct ManifestQueue(Arc<ManifestQueueState>);
+
+#[derive(Default)]
+struct ManifestQueueState {
+    queued: AtomicUsize,
+    /// The peer queued too many: those still queued are not answered.
+    refused: AtomicBool,
+}
 
 /// One of them: counted until the writer is done with it.
-struct Queued(Arc<AtomicUsize>);
+struct Queued(Arc<ManifestQueueState>);
+
+impl Queued {
+    /// Whether the connection is being closed for queueing too many.
+    fn refused(&self) -> bool {
+        self.0.refused.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -467,12 +481,13 @@ impl ManifestQueue {
         blob: BlobId,
         page: Option<u32>,
     ) -> Result<(), String> {
-        if self.0.load(Ordering::Relaxed) >= MANIFEST_REQUESTS_QUEUED_MAX {
+        if self.0.queued.load(Ordering::Relaxed) >= MANIFEST_REQUESTS_QUEUED_MAX {
+            self.0.refused.store(true, Ordering::Relaxed);
             let why =
                 format!("more than {MANIFEST_REQUESTS_QUEUED_MAX} manifest requests unanswered");
             return violation(out, peer, &why).await;
         }
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.queued.fetch_add(1, Ordering::Relaxed);
         let queued = Queued(Arc::clone(&self.0));
         out.send(Out::Manifest(blob, page, queued))
             .await
@@ -747,6 +762,9 @@ async fn handle_out<W: AsyncWrite + Unpin>(
             }
         }
         Out::Cancel(id) => uploader.handle_cancel(now(epoch), id),
+        // Closing for too many of them: the `Close` behind them goes out
+        // without their answers.
+        Out::Manifest(_, _, queued) if queued.refused() => {}
         Out::Manifest(blob, page, _queued) => {
             answer_manifest_request(daemon, w, uploader, epoch, blob, page).await?
         }

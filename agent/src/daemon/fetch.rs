@@ -501,10 +501,13 @@ pub(crate) async fn fetch(
 
     // 4./5. Commit what was written (also on failure: resume keeps it).
     drop(sched);
-    // Nothing reads them from here on: connections with more to tell stop
-    // waiting for room and end, instead of holding their slots until the
-    // seal is done.
+    // Nothing reads them from here on: the connections are closed (what
+    // they still receive is not recorded), and none waits for room to tell
+    // the fetch more.
     drop(events);
+    for p in peers.values_mut() {
+        p.close(CloseCode::NORMAL, "").await;
+    }
     if let Some(c) = commit.take() {
         c.await??;
     }
@@ -513,9 +516,6 @@ pub(crate) async fn fetch(
     // The scheduler's per-chunk state is gone: hand its memory back before
     // the seal's index transaction needs some (the receiver's peak).
     crate::sys::release_free_heap();
-    for p in peers.values_mut() {
-        p.close(CloseCode::NORMAL, "").await;
-    }
     if let Some(f) = failure {
         return Err(f);
     }
@@ -837,14 +837,16 @@ async fn receive_manifest(
                         peer_errors(peers)
                     );
                 }
-                let holders = page_holders(peers);
-                for pid in asks.overdue(now) {
-                    if holders.iter().all(|&h| h == pid) {
-                        // The only source for them: a slow one is still
-                        // one (NO_PROGRESS_TIMEOUT decides).
+                let overdue = asks.overdue(now);
+                let mut holders = page_holders(peers);
+                for pid in overdue.iter().copied() {
+                    if !holders.iter().any(|h| *h != pid && !overdue.contains(h)) {
+                        // No source sending pages to give them to: a slow
+                        // one is still one (NO_PROGRESS_TIMEOUT decides).
                         asks.since.insert(pid, now);
                         continue;
                     }
+                    holders.retain(|&h| h != pid);
                     let p = peers.get_mut(&pid).expect("known peer");
                     let why = format!("sent no manifest page for {PAGE_STALL:?}");
                     tracing::warn!("source {} {why}: dropped from the fetch of {id}", p.addr);
@@ -862,13 +864,15 @@ async fn receive_manifest(
         let bytes = match ev {
             PeerEvent::Frame(b) => b,
             PeerEvent::Closed { lane, why } => {
+                // Its pages were asked on its first connection: if that is
+                // the one that closed, ask them again.
+                if p.conns.first().is_some_and(|(l, _)| *l == lane) {
+                    asks.forget(pid);
+                }
                 p.drop_lane(lane);
                 if !p.alive() {
                     p.error.get_or_insert(why);
                 }
-                // Its pages were asked on its first connection, which may
-                // be the one that closed: ask them again.
-                asks.forget(pid);
                 continue;
             }
             PeerEvent::Chunks(_) | PeerEvent::LocalError(_) => continue,

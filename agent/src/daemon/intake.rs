@@ -82,8 +82,11 @@ const WRITERS: usize = 2;
 /// and copying each byte once). Alternating builds, 4 GiB from one source
 /// on two cores: readers waited 4.3–6.3 s summed at 0, 3.1–3.7 s at −5,
 /// 1.6–2.7 s at −10, 1.4–2.1 s at −19; the fetch took 4.1–5.4 s, 4.1–4.4,
-/// 3.6–4.5 and 3.6–4.1 s (`ARCHITECTURE.md`, "Writer priority").
-const WRITER_NICE: i32 = -19;
+/// 3.6–4.5 and 3.6–4.1 s (`ARCHITECTURE.md`, "Writer priority"). −10, not
+/// −19: nearly all of the gain, at a weight (~9:1 against nice 0, not
+/// ~70:1) that leaves serving, a second fetch and the commits their share
+/// while peers drive how much these threads hash.
+const WRITER_NICE: i32 = -10;
 /// Batches per connection: one filling, one queued, [`WRITERS`] being written.
 const BATCHES_MAX: usize = WRITERS + 2;
 /// Chunks a batch holds at most, however small: a source sending tiny
