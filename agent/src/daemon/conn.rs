@@ -264,6 +264,8 @@ async fn read_frames(
     let manifests = ManifestQueue::default();
     let epoch = Instant::now();
     let mut haves = TokenBucket::new(substrate::Timestamp::ZERO, HAVES_PER_S, HAVES_BURST);
+    // Once this side has closed: reading ends then (see `CLOSING_READS`).
+    let mut closing: Option<Instant> = None;
     loop {
         // Payloads of the batch being filled stay in the decoder's buffer
         // until it is handed over (see `intake`).
@@ -273,8 +275,10 @@ async fn read_frames(
         let max = intake
             .as_ref()
             .map_or(READ_BYTES, |i| i.room().clamp(READ_BYTES_MIN, READ_BYTES));
+        let wait = closing.map_or(idle, |end| end.saturating_duration_since(Instant::now()));
         tokio::select! {
-            r = tokio::time::timeout(idle, read.read_into(decoder, keep, max)) => match r {
+            r = tokio::time::timeout(wait, read.read_into(decoder, keep, max)) => match r {
+                Err(_) if closing.is_some() => return "closed from this side".into(),
                 Err(_) => {
                     let why = format!("idle for {idle:?}");
                     let _ = out.send(Out::Close(CloseCode::IDLE, why.clone())).await;
@@ -305,8 +309,12 @@ async fn read_frames(
             }
             // This side has closed (the writer sent `Close`, or failed): a
             // peer that talks on must not keep the connection, its slot and
-            // its intake for as long as it likes.
-            () = out.closed() => return "closed from this side".into(),
+            // its intake for as long as it likes; what it sent before it
+            // saw the close (a bad-chunk report) is still read.
+            () = out.closed(), if closing.is_none() => {
+                closing = Some(Instant::now() + CLOSING_READS);
+                continue;
+            }
         };
         loop {
             let (at, frame) = match decoder.poll_frame_at() {
@@ -435,6 +443,15 @@ async fn violation(out: &mpsc::Sender<Out>, peer: PeerKey, why: &str) -> Result<
         .await;
     Err(format!("protocol violation: {why}"))
 }
+
+/// How long a connection's reader goes on after its writer ended (this side
+/// closed, or the peer stopped taking what it sends): frames the peer sent
+/// before it saw the close are still handled. A source that a fetch bans
+/// for a corrupt chunk sends `BadChunk` and closes; the source, still
+/// sending, gets a broken pipe, and its reader used to stop at once with
+/// the report unread in its socket (the blob was never re-checked: seen
+/// once in CI, `corrupt_source_is_banned_told_and_quarantines`).
+const CLOSING_READS: Duration = Duration::from_secs(1);
 
 /// Manifest requests a peer may have waiting for answers on one connection.
 /// Answers are paced by the request and upload rates, and the writer works
