@@ -1017,10 +1017,7 @@ fn manifest_requests_are_paced_by_the_request_rate() {
     // The admission burst (64), then 40 more at 100 a second.
     const WAVES: [usize; 2] = [64, 40];
     let intruder = HostKey::generate().unwrap();
-    let mut a = Envoy::with_extra("limits:\n  requests_per_s: 100\n");
-    a.allow = vec![intruder.public().to_string()];
-    a.write_config();
-    a.start();
+    let a = started_admitting(&intruder, "limits:\n  requests_per_s: 100\n");
     let id = a.add(&a.file("blob", &random(1 << 20, 24)));
     let asks = |n: usize| {
         let mut asks = Vec::new();
@@ -1075,10 +1072,7 @@ fn a_flood_of_manifest_requests_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let intruder = HostKey::generate().unwrap();
-    let mut a = Envoy::with_extra("limits:\n  requests_per_s: 100\n");
-    a.allow = vec![intruder.public().to_string()];
-    a.write_config();
-    a.start();
+    let a = started_admitting(&intruder, "limits:\n  requests_per_s: 100\n");
     let id = a.add(&a.file("blob", &random(1 << 20, 25)));
     let mut asks = Vec::new();
     for _ in 0..1000 {
@@ -1115,6 +1109,15 @@ fn a_flood_of_manifest_requests_is_cut_off() {
         "{}",
         close.1
     );
+}
+
+/// A started envoy with `extra` config admitting only `key`.
+fn started_admitting(key: &agent::identity::HostKey, extra: &str) -> Envoy {
+    let mut a = Envoy::with_extra(extra);
+    a.allow = vec![key.public().to_string()];
+    a.write_config();
+    a.start();
+    a
 }
 
 /// A loopback TCP proxy whose first connection goes to `first` and every
@@ -1683,9 +1686,9 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
 }
 
 /// Once A has closed a connection (here for a request beyond its credit), a peer
-/// that goes on sending is disconnected: what it sends is not read, and it
-/// does not keep the connection by talking (the idle timeout is two
-/// minutes).
+/// that goes on sending is disconnected: what it sends is read for a second
+/// at most (`CLOSING_READS`), and it does not keep the connection by
+/// talking (the idle timeout is two minutes).
 #[test]
 fn a_peer_talking_on_after_our_close_is_disconnected() {
     use agent::identity::HostKey;
@@ -1693,10 +1696,7 @@ fn a_peer_talking_on_after_our_close_is_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let intruder = HostKey::generate().unwrap();
-    let mut a = Envoy::with_extra("limits:\n  credit_bytes: 4194304\n");
-    a.allow = vec![intruder.public().to_string()];
-    a.write_config();
-    a.start();
+    let a = started_admitting(&intruder, "limits:\n  credit_bytes: 4194304\n");
     let id = a.add(&a.file("blob", &random(8 << 20, 22)));
     let hello_bytes = hello_frame();
     let mut opening = hello_bytes.clone();
