@@ -886,8 +886,16 @@ fn hello_frame() -> Vec<u8> {
         frame_bytes_max: Limits::DEFAULT.frame_bytes_max,
         credit_bytes: 32 << 20,
     };
+    encoded(&Frame::Hello(hello), 1)
+}
+
+/// `frame` encoded `times` times in a row.
+fn encoded(frame: &substrate::wire::Frame<'_>, times: usize) -> Vec<u8> {
+    use substrate::wire::{self, Limits};
     let mut bytes = Vec::new();
-    wire::encode(&Frame::Hello(hello), &Limits::DEFAULT, &mut bytes).unwrap();
+    for _ in 0..times {
+        wire::encode(frame, &Limits::DEFAULT, &mut bytes).unwrap();
+    }
     bytes
 }
 
@@ -976,18 +984,16 @@ fn hostile_frame_closes_only_that_connection() {
 #[test]
 fn a_flood_of_bad_chunk_reports_is_cut_off() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits};
+    use substrate::wire::{CloseCode, Decoder, Frame, Limits};
 
     let intruder = HostKey::generate().unwrap();
     let (a, b, id, data) = pair_admitting(&intruder, 23);
     let mut bytes = hello_frame();
-    for _ in 0..40 {
-        let report = Frame::BadChunk {
-            blob: id.parse().unwrap(),
-            chunk_index: 0,
-        };
-        wire::encode(&report, &Limits::DEFAULT, &mut bytes).unwrap();
-    }
+    let report = Frame::BadChunk {
+        blob: id.parse().unwrap(),
+        chunk_index: 0,
+    };
+    bytes.extend(encoded(&report, 40));
     let received = raw_exchange(&intruder, &a, &bytes, Duration::from_secs(10));
     let mut decoder = Decoder::new(Limits::DEFAULT);
     decoder.feed(&received);
@@ -1011,7 +1017,7 @@ fn a_flood_of_bad_chunk_reports_is_cut_off() {
 #[test]
 fn manifest_requests_are_paced_by_the_request_rate() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, Decoder, Frame, Limits};
+    use substrate::wire::{Decoder, Frame, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     // The admission burst (64), then 40 more at 100 a second.
@@ -1019,16 +1025,9 @@ fn manifest_requests_are_paced_by_the_request_rate() {
     let intruder = HostKey::generate().unwrap();
     let a = started_admitting(&intruder, "limits:\n  requests_per_s: 100\n");
     let id = a.add(&a.file("blob", &random(1 << 20, 24)));
-    let asks = |n: usize| {
-        let mut asks = Vec::new();
-        for _ in 0..n {
-            let ask = Frame::GetManifestPage {
-                blob: id.parse().unwrap(),
-                page: 0,
-            };
-            wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
-        }
-        asks
+    let ask = Frame::GetManifestPage {
+        blob: id.parse().unwrap(),
+        page: 0,
     };
     let took = runtime().block_on(async {
         let mut stream = raw_connect(&intruder, &a).await;
@@ -1038,7 +1037,7 @@ fn manifest_requests_are_paced_by_the_request_rate() {
         // answered, whatever that takes.
         let start = Instant::now();
         for wave in WAVES {
-            stream.write_all(&asks(wave)).await.unwrap();
+            stream.write_all(&encoded(&ask, wave)).await.unwrap();
             stream.flush().await.unwrap();
             let mut pages = 0;
             while pages < wave {
@@ -1068,19 +1067,16 @@ fn manifest_requests_are_paced_by_the_request_rate() {
 #[test]
 fn a_flood_of_manifest_requests_is_cut_off() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits};
+    use substrate::wire::{CloseCode, Decoder, Frame, Limits};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let intruder = HostKey::generate().unwrap();
     let a = started_admitting(&intruder, "limits:\n  requests_per_s: 100\n");
     let id = a.add(&a.file("blob", &random(1 << 20, 25)));
-    let mut asks = Vec::new();
-    for _ in 0..1000 {
-        let ask = Frame::GetManifest {
-            blob: id.parse().unwrap(),
-        };
-        wire::encode(&ask, &Limits::DEFAULT, &mut asks).unwrap();
-    }
+    let ask = Frame::GetManifest {
+        blob: id.parse().unwrap(),
+    };
+    let asks = encoded(&ask, 1000);
     let close = runtime().block_on(async {
         let mut stream = raw_connect(&intruder, &a).await;
         stream.write_all(&asks).await.unwrap();
@@ -1216,7 +1212,7 @@ fn hostile_server(
 #[test]
 fn a_source_flooding_have_frames_is_cut_off() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, Frame, HaveMap, Limits};
+    use substrate::wire::{Frame, HaveMap};
 
     let source = HostKey::generate().unwrap();
     let mut b = Envoy::new();
@@ -1224,11 +1220,8 @@ fn a_source_flooding_have_frames_is_cut_off() {
     b.write_config();
     b.start();
     let id = "v1-b3-".to_owned() + &"ab".repeat(32);
-    let mut then = Vec::new();
-    for _ in 0..200 {
-        let have = HaveMap::all(id.parse().unwrap(), 0, 1 << 20);
-        wire::encode(&Frame::Have(have), &Limits::DEFAULT, &mut then).unwrap();
-    }
+    let have = HaveMap::all(id.parse().unwrap(), 0, 1 << 20);
+    let then = encoded(&Frame::Have(have), 200);
     let hostile = hostile_server(source, &b, Duration::ZERO, then);
     let out_path = b.dir.path().join("out.bin");
     let started = Instant::now();
@@ -1254,7 +1247,7 @@ fn a_source_flooding_have_frames_is_cut_off() {
 fn a_source_that_sends_no_manifest_page_is_dropped_and_its_pages_asked_elsewhere() {
     use agent::identity::HostKey;
     use engine::manifest::{Manifest, ManifestLimits};
-    use substrate::wire::{self, Frame, Limits};
+    use substrate::wire::Frame;
 
     let silent = HostKey::generate().unwrap();
     let mut a = Envoy::new();
@@ -1269,12 +1262,11 @@ fn a_source_that_sends_no_manifest_page_is_dropped_and_its_pages_asked_elsewhere
     let bundle = run(a.cmd(&["store", "manifest", &id, "--bundle"]));
     bundle.expect(OK);
     let manifest = Manifest::from_bundle(&bundle.stdout, &ManifestLimits::default()).unwrap();
-    let mut then = Vec::new();
     let root = Frame::ManifestRoot {
         blob: id.parse().unwrap(),
         root: &manifest.root.encode(),
     };
-    wire::encode(&root, &Limits::DEFAULT, &mut then).unwrap();
+    let then = encoded(&root, 1);
     // Its root is there before B asks anyone (A's connections are only
     // ready half a second later): every page is asked of it.
     let silent = hostile_server(silent, &b, Duration::ZERO, then);
@@ -1301,7 +1293,7 @@ fn a_source_that_sends_no_manifest_page_is_dropped_and_its_pages_asked_elsewhere
 #[test]
 fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, Frame, Limits, RequestId};
+    use substrate::wire::{Frame, RequestId};
     let other = HostKey::generate().unwrap();
     let other_key = other.public().to_string();
     let mut a = Envoy::new();
@@ -1319,8 +1311,7 @@ fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
         chunk_index: 0,
         payload: &[0; 64],
     };
-    let mut then = Vec::new();
-    wire::encode(&stray, &Limits::DEFAULT, &mut then).unwrap();
+    let then = encoded(&stray, 1);
     let hostile = hostile_server(other, &b, Duration::from_millis(700), then);
     let proxy = divert_after_first(a.addr(), hostile);
     let out_path = b.dir.path().join("out.bin");
@@ -1615,7 +1606,7 @@ fn source_stalling_mid_fetch_is_dropped_and_its_work_reissued() {
 #[test]
 fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, CloseCode, Decoder, Frame, Limits, Request, RequestId};
+    use substrate::wire::{CloseCode, Decoder, Frame, Limits, Request, RequestId};
 
     const CREDIT: u64 = 4 << 20;
     let intruder = HostKey::generate().unwrap();
@@ -1654,7 +1645,7 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
             first_chunk: 0,
             chunk_count: chunks,
         };
-        wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut bytes).unwrap();
+        bytes.extend(encoded(&Frame::Request(greedy), 1));
         raw_exchange(&intruder, &a, &bytes, Duration::from_secs(30))
     };
     // A told its credit in its Hello, sent no chunk, and closed with LIMIT.
@@ -1692,7 +1683,7 @@ fn peer_exceeding_its_credit_is_cut_off_and_others_unaffected() {
 #[test]
 fn a_peer_talking_on_after_our_close_is_disconnected() {
     use agent::identity::HostKey;
-    use substrate::wire::{self, Frame, Limits, Request, RequestId};
+    use substrate::wire::{Frame, Request, RequestId};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let intruder = HostKey::generate().unwrap();
@@ -1712,7 +1703,7 @@ fn a_peer_talking_on_after_our_close_is_disconnected() {
         first_chunk: 0,
         chunk_count: chunks,
     };
-    wire::encode(&Frame::Request(greedy), &Limits::DEFAULT, &mut opening).unwrap();
+    opening.extend(encoded(&Frame::Request(greedy), 1));
     let talked = runtime().block_on(async {
         let mut stream = raw_connect(&intruder, &a).await;
         stream.write_all(&opening).await.unwrap();
