@@ -86,6 +86,12 @@ impl TokenBucket {
         Some(Timestamp(self.last.as_micros().saturating_add(wait_us)))
     }
 
+    /// When the balance turns positive, as of `now`; `None` if it is.
+    pub fn ready_at_from(&mut self, now: Timestamp) -> Option<Timestamp> {
+        self.refill(now);
+        self.ready_at()
+    }
+
     /// Whole tokens as of the last refill (negative while in debt).
     pub fn balance(&self) -> i128 {
         self.scaled / SCALE

@@ -270,10 +270,7 @@ impl Uploader {
         } else {
             self.admissions.ready_at()
         };
-        let uploadable = self
-            .upload
-            .as_mut()
-            .and_then(|b| if b.is_ready(now) { None } else { b.ready_at() });
+        let uploadable = self.upload.as_mut().and_then(|b| b.ready_at_from(now));
         admitted.max(uploadable)
     }
 
@@ -465,6 +462,16 @@ mod tests {
         Uploader::new(t, limits)
     }
 
+    /// An uploader sending 1 MiB a second, 64 KiB in a burst.
+    fn slow_upload(t: Timestamp) -> Uploader {
+        let limits = ServeLimits {
+            upload_bytes_per_s: Some(1 << 20),
+            upload_burst_bytes: 64 << 10,
+            ..ServeLimits::DEFAULT
+        };
+        Uploader::new(t, limits)
+    }
+
     /// Manifest requests share the admission rate: past the burst each is
     /// answered one token's time after the one before, and they leave the
     /// bucket in debt for chunk requests too.
@@ -498,12 +505,7 @@ mod tests {
     #[test]
     fn manifest_replies_are_charged_to_the_upload_rate() {
         let t = Timestamp::ZERO;
-        let limits = ServeLimits {
-            upload_bytes_per_s: Some(1 << 20),
-            upload_burst_bytes: 64 << 10,
-            ..ServeLimits::DEFAULT
-        };
-        let mut u = Uploader::new(t, limits);
+        let mut u = slow_upload(t);
         assert_eq!(u.admit_manifest_request(t), None);
         // A 1 MiB answer (pages of a large blob): a second of the rate.
         u.handle_manifest_sent(t, 1 << 20);
@@ -555,12 +557,7 @@ mod tests {
     #[test]
     fn upload_rate_paces_chunks() {
         let t0 = Timestamp::ZERO;
-        let limits = ServeLimits {
-            upload_bytes_per_s: Some(1 << 20),
-            upload_burst_bytes: 64 << 10,
-            ..ServeLimits::DEFAULT
-        };
-        let mut u = Uploader::new(t0, limits);
+        let mut u = slow_upload(t0);
         u.handle_request(t0, &req(1, 0, 64), |_| Ok(64 * 32768))
             .unwrap();
         let mut now = t0;

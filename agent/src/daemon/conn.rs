@@ -45,8 +45,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::Daemon;
 use super::intake::Intake;
+use super::{Daemon, instant, now};
 use crate::identity::PeerKey;
 use crate::record::RecordReader;
 use crate::tls::TlsStream;
@@ -216,11 +216,6 @@ pub(crate) fn start(
         h.done.notify_waiters();
     });
     handle
-}
-
-/// Microseconds since the connection's epoch, as the substrate's clock.
-fn now(epoch: Instant) -> substrate::Timestamp {
-    substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64)
 }
 
 async fn read_loop(
@@ -701,7 +696,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             w.flush().await.map_err(|e| e.to_string())?;
             let deadline = uploader
                 .next_timeout()
-                .map(|t| epoch + Duration::from_micros(t.as_micros()))
+                .map(|t| instant(epoch, t))
                 .into_iter()
                 .chain(upload_wait)
                 .min();
@@ -803,7 +798,7 @@ async fn answer_manifest_request<W: AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     let paced = uploader
         .admit_manifest_request(now(epoch))
-        .map(|at| epoch + Duration::from_micros(at.as_micros()));
+        .map(|at| instant(epoch, at));
     if let Some(at) = paced.into_iter().chain(daemon.upload_wait()).max() {
         tokio::time::sleep_until(at.into()).await;
     }

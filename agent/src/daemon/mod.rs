@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use engine::hash::BlobId;
@@ -338,20 +338,18 @@ impl Daemon {
     /// When the daemon-wide upload limit allows the next chunk: `None` now.
     pub(crate) fn upload_wait(&self) -> Option<std::time::Instant> {
         let bucket = self.upload.as_ref()?;
-        let now = substrate::Timestamp::from_micros(self.epoch.elapsed().as_micros() as u64);
         let mut b = bucket.lock().expect("poisoned");
-        if b.is_ready(now) {
-            return None;
-        }
-        b.ready_at()
-            .map(|t| self.epoch + Duration::from_micros(t.as_micros()))
+        b.ready_at_from(now(self.epoch))
+            .map(|t| instant(self.epoch, t))
     }
 
     /// Charges `bytes` sent to the daemon-wide upload limit.
     pub(crate) fn upload_sent(&self, bytes: u64) {
         if let Some(bucket) = &self.upload {
-            let now = substrate::Timestamp::from_micros(self.epoch.elapsed().as_micros() as u64);
-            bucket.lock().expect("poisoned").charge(now, bytes);
+            bucket
+                .lock()
+                .expect("poisoned")
+                .charge(now(self.epoch), bytes);
         }
     }
 
@@ -454,4 +452,15 @@ pub(crate) fn status_report(daemon: &Daemon, json: bool) -> String {
             s.chunks_served.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Time since `epoch` as the substrate's clock (its state machines take
+/// `now` as input).
+pub(crate) fn now(epoch: Instant) -> substrate::Timestamp {
+    substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64)
+}
+
+/// The instant substrate time `t`, counted from `epoch`, is.
+pub(crate) fn instant(epoch: Instant, t: substrate::Timestamp) -> Instant {
+    epoch + Duration::from_micros(t.as_micros())
 }
