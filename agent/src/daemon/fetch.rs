@@ -283,7 +283,7 @@ pub(crate) async fn fetch(
 
     // 3. Schedule.
     let epoch = Instant::now();
-    let now = || substrate::Timestamp::from_micros(epoch.elapsed().as_micros() as u64);
+    let now = || super::now(epoch);
     let config = SchedConfig {
         download_bytes_per_s: daemon.config.rate.download_bytes_per_s,
         seed: u64::from_le_bytes(daemon.host.0[..8].try_into().expect("8 bytes"))
@@ -418,7 +418,7 @@ pub(crate) async fn fetch(
         }
         let deadline = sched
             .next_timeout()
-            .map(|t| epoch + Duration::from_micros(t.as_micros()))
+            .map(|t| super::instant(epoch, t))
             .unwrap_or_else(|| Instant::now() + NO_PROGRESS_TIMEOUT)
             .min(Instant::now() + COMMIT_INTERVAL);
         let ev = tokio::select! {
@@ -731,6 +731,11 @@ impl PageAsks {
         }
     }
 
+    /// `pid`'s stall clock starts again at `now` (it is let be slow).
+    fn wait_longer(&mut self, pid: PeerId, now: Instant) {
+        self.since.insert(pid, now);
+    }
+
     /// `pid` will send no more pages: what it owed is to be asked again.
     fn forget(&mut self, pid: PeerId) {
         let again = &mut self.again;
@@ -843,7 +848,7 @@ async fn receive_manifest(
                     if !holders.iter().any(|h| *h != pid && !overdue.contains(h)) {
                         // No source sending pages to give them to: a slow
                         // one is still one (NO_PROGRESS_TIMEOUT decides).
-                        asks.since.insert(pid, now);
+                        asks.wait_longer(pid, now);
                         continue;
                     }
                     holders.retain(|&h| h != pid);
@@ -901,7 +906,7 @@ async fn receive_manifest(
             Frame::ManifestPage { blob, page, bytes } if blob == *id => {
                 // A page already here is not checked again: it proves
                 // nothing, and counts for nothing.
-                let missing = asm.root().is_some() && !asm.has_page(page);
+                let missing = !asm.has_page(page);
                 match asm.handle_page(page, bytes) {
                     Err(e) => bad(p, format!("page {page}: {e}")).await,
                     Ok(()) if missing => {
