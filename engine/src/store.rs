@@ -1717,7 +1717,8 @@ impl Store {
         {
             return Ok(w);
         }
-        let runs = RunWriter::open(&path).map_err(StoreError::io("cannot open", &path))?;
+        let runs = RunWriter::open(&path, self.io.backend == IoBackend::Uring)
+            .map_err(StoreError::io("cannot open", &path))?;
         let chunk_count = r.root.chunk_count;
         let rows = RowsState {
             done: vec![false; r.root.pages.len()],

@@ -47,4 +47,13 @@ pub mod uring {
             ))
         }
     }
+
+    /// No ring off Linux: the caller writes with `pwrite`.
+    pub fn write_all_at_waiting(
+        _fd: std::os::fd::RawFd,
+        _buf: &[u8],
+        _offset: u64,
+    ) -> Option<std::io::Result<()>> {
+        None
+    }
 }

@@ -172,3 +172,117 @@ impl Drop for UringWriter {
         let _ = self.drain();
     }
 }
+
+thread_local! {
+    /// The calling thread's ring for [`write_all_at_waiting`]: made at its
+    /// first write, gone with the thread. `Err` keeps why it could not be made.
+    static WAITING_RING: std::cell::RefCell<Option<io::Result<IoUring>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Writes all of `buf` at `offset` of `fd` (opened with `O_DIRECT`) through
+/// io_uring, and returns once the device has it, like `pwrite` would.
+///
+/// Why not `pwrite`: ext4 holds the inode lock (shared) across a
+/// synchronous direct write until the device completes it, and every
+/// buffered write to the same file takes that lock exclusively; so each
+/// buffered write waits for all the direct writes in flight, and direct
+/// writes that come after it wait behind it. An asynchronous direct write
+/// (this) holds the lock only while it is submitted. Measured with `fio`
+/// on a preallocated file (four threads of 2 MiB direct random writes,
+/// one thread of 4 KiB buffered writes asked for at 2000/s): with `psync`
+/// the buffered writes managed 235–255/s at ~3 ms each; with `io_uring`
+/// all 2000/s at 4 µs each, the direct writes at the disk's 1.3 GB/s.
+///
+/// `None` when this thread cannot have a ring (the caller then writes
+/// with `pwrite`); the ring's setup error is logged once per thread.
+pub fn write_all_at_waiting(fd: RawFd, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+    WAITING_RING.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ring = match slot.get_or_insert_with(|| {
+            IoUring::new(2).inspect_err(|e| {
+                tracing::debug!("no io_uring for direct writes on this thread: {e}")
+            })
+        }) {
+            Ok(r) => r,
+            Err(_) => return None,
+        };
+        let written = write_waiting(ring, fd, buf, offset);
+        if written.is_err() {
+            // A ring that failed is not trusted again: the next write makes
+            // a new one.
+            *slot = None;
+        }
+        Some(written)
+    })
+}
+
+fn write_waiting(ring: &mut IoUring, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let len = rest.len().min(1 << 30) as u32;
+        let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len)
+            .offset(offset + done as u64)
+            .build();
+        // SAFETY: `rest` outlives the operation: this waits for its
+        // completion before returning, and the ring holds nothing else.
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        let res = loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(c) = ring.completion().next() {
+                break c.result();
+            }
+        };
+        match res {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            n if -n == libc::EINTR || -n == libc::EAGAIN => {}
+            n => return Err(io::Error::from_raw_os_error(-n)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Writes land where asked and in full (a length that is not a multiple
+    /// of anything); a write that fails reports the kernel's error. Where
+    /// this process cannot have a ring it says so loudly: only `pwrite`
+    /// would then be used.
+    #[test]
+    fn waiting_writes_land_in_full_and_report_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let data: Vec<u8> = (0..300_001u32).map(|i| (i * 7 % 251) as u8).collect();
+        let Some(written) = write_all_at_waiting(file.as_raw_fd(), &data, 5000) else {
+            eprintln!("NOTE: no io_uring in this process: the waiting write was NOT exercised");
+            return;
+        };
+        written.unwrap();
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), 5000 + data.len());
+        assert!(back[..5000].iter().all(|&b| b == 0));
+        assert!(back[5000..] == data[..]);
+        // A read-only descriptor: the kernel's EBADF comes back as the error.
+        let ro = std::fs::File::open(&path).unwrap();
+        let e = write_all_at_waiting(ro.as_raw_fd(), &data, 0)
+            .expect("a ring was made above on this thread")
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        // The thread's next write gets a fresh ring and works.
+        write_all_at_waiting(file.as_raw_fd(), b"again", 0)
+            .expect("a ring")
+            .unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..5], b"again");
+    }
+}
