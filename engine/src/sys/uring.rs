@@ -189,10 +189,11 @@ thread_local! {
 /// buffered write waits for all the direct writes in flight, and direct
 /// writes that come after it wait behind it. An asynchronous direct write
 /// (this) holds the lock only while it is submitted. Measured with `fio`
-/// on a preallocated file (four threads of 2 MiB direct random writes,
-/// one thread of 4 KiB buffered writes asked for at 2000/s): with `psync`
-/// the buffered writes managed 235–255/s at ~3 ms each; with `io_uring`
-/// all 2000/s at 4 µs each, the direct writes at the disk's 1.3 GB/s.
+/// (`perf/scripts/fio-inode-lock.sh`: four threads of 2 MiB direct random
+/// writes into a preallocated file, one thread of 4 KiB buffered writes
+/// asked for at 2000/s): with `psync` the buffered writes managed
+/// 246–297/s at 3.4–4.0 ms each; with `io_uring` 1996–1998/s at 0.43 ms,
+/// the direct writes at the same 1.7–2.1 GB/s.
 ///
 /// `None` when this thread cannot have a ring (the caller then writes
 /// with `pwrite`); the ring's setup error is logged once per thread.
