@@ -4,7 +4,8 @@
 # a receiver with an empty store, and the receiver fetches the blob. Prints
 # per run the fetch's wall time, the machine's busy CPU (/proc/stat) and each
 # daemon's CPU, then the receiver's "fetched …" log line (hashing, writing,
-# readers' wait).
+# readers' wait); at the end, per build, the median and range of the wall
+# times and the median machine CPU.
 #
 # Usage: ab-fetch.sh SIZE_MIB ROUNDS WORKDIR ENVOY [ENVOY...]
 # WORKDIR holds the input and the sender's store (kept between runs, made
@@ -34,6 +35,7 @@ first=${builds[0]}
 
 cd "$work"
 mkdir -p snd rcv
+: >"$work/walls"
 if [[ ! -f input-$size ]]; then
     head -c "${size}M" /dev/urandom >"input-$size.tmp"
     mv "input-$size.tmp" "input-$size"
@@ -90,10 +92,23 @@ for round in $(seq "$rounds"); do
         t1=$(date +%s.%N)
         c1=$(busy_cs)
         if [[ -n $pp ]]; then kill -INT "$pp"; wait "$pp" || true; fi
-        echo "round $round $b rc=$rc wall $(echo "$t1 - $t0" | bc) s," \
+        wall=$(echo "$t1 - $t0" | bc)
+        echo "round $round $b rc=$rc wall $wall s," \
             "machine $(((c1 - c0)))cs, receiver $(cpu_s $rp) s, sender $(cpu_s $sp) s"
+        echo "$b $wall $((c1 - c0))" >>"$work/walls"
         grep -o 'fetched .*' rcv.log | tail -1 || true
         kill "$sp" "$rp"
         wait "$sp" "$rp" || true
     done
+done
+# Per build: the median and range of the wall times and of the machine's
+# CPU (this VM's run-to-run spread is wide: compare medians of alternating
+# rounds, not single runs).
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+for b in "${builds[@]}"; do
+    walls=$(awk -v b="$b" '$1 == b { print $2 }' "$work/walls")
+    [[ -n $walls ]] || continue
+    echo "summary $b: $(wc -l <<<"$walls") runs," \
+        "wall median $(median <<<"$walls") s ($(sort -n <<<"$walls" | head -1)-$(sort -n <<<"$walls" | tail -1))," \
+        "machine median $(awk -v b="$b" '$1 == b { print $3 }' "$work/walls" | median) cs"
 done
