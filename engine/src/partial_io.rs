@@ -84,6 +84,8 @@ pub(crate) struct RunWriter {
     direct_ok: AtomicBool,
     slabs: Option<Arc<SlabPool>>,
     direct_bytes: AtomicU64,
+    /// Of `direct_bytes`, those written through io_uring.
+    uring_bytes: AtomicU64,
     /// Direct writes go through io_uring ([`sys::uring::write_all_at_waiting`]:
     /// an asynchronous direct write does not hold ext4's inode lock while the
     /// device works, so the buffered writes of run ends do not queue behind it).
@@ -103,6 +105,7 @@ impl RunWriter {
             direct,
             slabs,
             direct_bytes: AtomicU64::new(0),
+            uring_bytes: AtomicU64::new(0),
             uring,
         })
     }
@@ -147,7 +150,20 @@ impl RunWriter {
             } else {
                 None
             };
-            match waiting.unwrap_or_else(|| direct.write_all_at(buf, at)) {
+            let written = match waiting {
+                Some(Ok(())) => {
+                    self.uring_bytes.fetch_add(n, Ordering::Relaxed);
+                    Ok(())
+                }
+                // What the ring refuses as invalid, `pwrite` decides: the
+                // alignment, or the ring's own limits.
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    direct.write_all_at(buf, at)
+                }
+                Some(Err(e)) => Err(e),
+                None => direct.write_all_at(buf, at),
+            };
+            match written {
                 Ok(()) => {
                     self.direct_bytes.fetch_add(n, Ordering::Relaxed);
                 }
@@ -393,6 +409,20 @@ mod tests {
                 "only {} of {len} bytes went direct",
                 writer.direct_bytes()
             );
+            let ring_here = crate::io::select(crate::io::IoMode::Auto)
+                .is_ok_and(|s| s.backend == crate::io::IoBackend::Uring);
+            let through_ring = writer.uring_bytes.load(Ordering::Relaxed);
+            if uring && ring_here {
+                assert_eq!(
+                    through_ring,
+                    writer.direct_bytes(),
+                    "every direct write went through the ring"
+                );
+            } else if uring {
+                eprintln!("NOTE: no io_uring here: the ring's direct writes were NOT exercised");
+            } else {
+                assert_eq!(through_ring, 0, "pwrite only");
+            }
         } else {
             eprintln!(
                 "NOTE: {} refuses O_DIRECT: only the page-cache path was exercised",
