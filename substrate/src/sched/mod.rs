@@ -1237,11 +1237,27 @@ impl Scheduler {
         self.events.push_back(Event::Complete);
     }
 
+    /// Reports a stall once, and withdraws a report not yet polled that no
+    /// longer holds: a source whose connection closed leaves (a stall, if it
+    /// was the only one) and may join again over its other connections
+    /// before the caller polls; the stale report then failed the fetch
+    /// (seen under load with three connections to one source, one refused).
     fn check_stalled(&mut self) {
-        if self.complete || self.stalled_reported {
+        if self.complete {
             return;
         }
-        if self.requests.is_empty() && self.rarity.is_empty() {
+        let stalled = self.requests.is_empty() && self.rarity.is_empty();
+        if !stalled && self.stalled_reported {
+            let queued = self.events.len();
+            self.events.retain(|e| !matches!(e, Event::Stalled { .. }));
+            if self.events.len() < queued {
+                self.stalled_reported = false;
+            }
+        }
+        if self.stalled_reported {
+            return;
+        }
+        if stalled {
             let unavailable =
                 self.stats.chunks_total - self.stats.chunks_done - self.chunks_in_flight;
             self.stalled_reported = true;

@@ -254,6 +254,43 @@ fn a_stalled_peer_is_dropped_and_its_work_reissued() {
     );
 }
 
+/// A source that leaves (its connection closed) and joins again over
+/// another before the caller polls leaves no stall report behind; one that
+/// stays away does, once.
+#[test]
+fn a_stall_resolved_before_it_is_polled_is_not_reported() {
+    let mut s = new_sched(vec![32 * KIB; 64], SchedConfig::DEFAULT);
+    s.handle_peer_joined(t(0), A, PeerCredit::UNLIMITED, &all(64))
+        .unwrap();
+    assert!(!poll_all(&mut s, t(0)).is_empty());
+    s.handle_peer_lost(t(1), A);
+    s.handle_peer_joined(t(1), A, PeerCredit::UNLIMITED, &all(64))
+        .unwrap();
+    assert_eq!(
+        events(&mut s),
+        vec![],
+        "the stall was over before it was polled"
+    );
+    s.assert_invariants();
+    // The fetch goes on with A.
+    let again = poll_all(&mut s, t(1));
+    assert!(again.iter().all(|(p, _)| *p == A) && !again.is_empty());
+
+    s.handle_peer_lost(t(2), A);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::Stalled {
+            chunks_unavailable: 64
+        }]
+    );
+    // Reported once: A joining and leaving again before any request is
+    // issued does not report it twice.
+    s.handle_peer_joined(t(3), A, PeerCredit::UNLIMITED, &all(64))
+        .unwrap();
+    s.handle_peer_lost(t(3), A);
+    assert_eq!(events(&mut s), vec![]);
+}
+
 /// The order in which a single serving peer is asked for 12 one-chunk
 /// pieces, with availability 1, 2 and 3 for chunks 8..12, 4..8, 0..4.
 fn rarest_order(seed: u64, in_order: bool) -> Vec<u64> {
