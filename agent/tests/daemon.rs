@@ -385,6 +385,33 @@ fn fetch_spreads_over_several_connections_and_survives_a_refused_one() {
     }
 }
 
+/// A source may refuse any of a fetch's connections when they race to its
+/// `connections_per_peer`, the first one too, which carries the manifest
+/// asks (seen under load: "no source sent the manifest … for 60s"). The
+/// fetch asks again on another connection instead of waiting for answers
+/// that cannot come.
+#[test]
+fn the_manifest_is_asked_again_when_the_first_connection_closes() {
+    let (a, b) = pair_with("", "limits:\n  fetch_connections: 3\n");
+    let data = random(8 << 20, 5);
+    let id = a.add(&a.file("blob", &data));
+    // The first connection reaches a stand-in holding A's key (so B takes
+    // it for A) that closes it once B has asked on it; the others reach A.
+    let key = agent::identity::HostKey::load_or_create(a.dir.path()).unwrap();
+    assert_eq!(key.public().to_string(), a.key);
+    let via = divert_after_first(closes_once_asked(key, &b), a.addr());
+    let out_path = b.dir.path().join("out.bin");
+    let started = Instant::now();
+    let out = b.fetch(&id, &[via], &out_path);
+    out.expect(OK);
+    assert_eq!(fs::read(&out_path).unwrap(), data);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the fetch waited {:?} for answers on the closed connection",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn corrupt_source_is_banned_told_and_quarantines() {
     let (a, b, c) = trio();
@@ -1199,6 +1226,40 @@ fn hostile_server(
                     let _ = stream.write_all(&then).await;
                     let _ = stream.flush().await;
                     let _ = stream.read_to_end(&mut Vec::new()).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// A host `admits` lets in, holding `key`, on loopback: every connection
+/// gets its Hello and is closed (without a TLS close_notify, as a refused
+/// one is) as soon as the peer sends anything. Returns its address.
+fn closes_once_asked(key: agent::identity::HostKey, admits: &Envoy) -> String {
+    use agent::tls::{self, AllowList};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let admits: agent::identity::PeerKey = admits.key.parse().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let config = tls::server_config(&key, Arc::new(AllowList::new(vec![admits]))).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let config = Arc::clone(&config);
+                tokio::spawn(async move {
+                    let Ok((mut stream, _)) =
+                        tls::accept(&config, tcp, Duration::from_secs(10)).await
+                    else {
+                        return;
+                    };
+                    let _ = stream.write_all(&hello_frame()).await;
+                    let _ = stream.flush().await;
+                    let _ = stream.read(&mut [0u8; 4096]).await;
                 });
             }
         });

@@ -869,14 +869,23 @@ async fn receive_manifest(
         let bytes = match ev {
             PeerEvent::Frame(b) => b,
             PeerEvent::Closed { lane, why } => {
-                // Its pages were asked on its first connection: if that is
-                // the one that closed, ask them again.
-                if p.conns.first().is_some_and(|(l, _)| *l == lane) {
+                // Its root and pages were asked on its first connection: if
+                // that is the one that closed (a source may refuse any of
+                // a fetch's connections, the first too, when they race to
+                // its `connections_per_peer`), ask them again on the next.
+                let carried_asks = p.conns.first().is_some_and(|(l, _)| *l == lane);
+                if carried_asks {
                     asks.forget(pid);
                 }
                 p.drop_lane(lane);
                 if !p.alive() {
                     p.error.get_or_insert(why);
+                } else if carried_asks
+                    && !p.root_answered
+                    && !p.not_found
+                    && let Some(c) = p.first()
+                {
+                    c.send(encode(&Frame::GetManifest { blob: *id })).await;
                 }
                 continue;
             }
