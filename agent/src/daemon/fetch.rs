@@ -881,7 +881,8 @@ async fn receive_manifest(
                 if !p.alive() {
                     p.error.get_or_insert(why);
                 } else if carried_asks
-                    && !p.root_answered
+                    // The `Have` follows the root in the same answer.
+                    && (!p.root_answered || p.have.is_none())
                     && !p.not_found
                     && let Some(c) = p.first()
                 {
