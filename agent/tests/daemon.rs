@@ -399,7 +399,8 @@ fn the_manifest_is_asked_again_when_the_first_connection_closes() {
     // it for A) that closes it once B has asked on it; the others reach A.
     let key = agent::identity::HostKey::load_or_create(a.dir.path()).unwrap();
     assert_eq!(key.public().to_string(), a.key);
-    let via = divert_after_first(closes_once_asked(key, &b), a.addr());
+    let stand_in = hostile_server(key, &b, Duration::ZERO, Vec::new(), After::CloseOnceAsked);
+    let via = divert_after_first(stand_in, a.addr());
     let out_path = b.dir.path().join("out.bin");
     let started = Instant::now();
     let out = b.fetch(&id, &[via], &out_path);
@@ -1190,14 +1191,24 @@ fn proxy(first: String, rest: String, delay: Duration) -> String {
     addr
 }
 
+/// What a [`hostile_server`] does with a connection once it has sent its frames.
+#[derive(Clone, Copy)]
+enum After {
+    HoldOpen,
+    /// Close it (without a TLS close_notify, as a refused connection is)
+    /// as soon as the peer sends anything.
+    CloseOnceAsked,
+}
+
 /// A host `admits` lets in, holding `key`, on loopback: every connection
-/// gets its Hello, then after `delay` the frames `then` (encoded), and is
-/// held open. Returns its address.
+/// gets its Hello, then after `delay` the frames `then` (encoded), then
+/// [`After`]. Returns its address.
 fn hostile_server(
     key: agent::identity::HostKey,
     admits: &Envoy,
     delay: Duration,
     then: Vec<u8>,
+    after: After,
 ) -> String {
     use agent::tls::{self, AllowList};
     use std::sync::Arc;
@@ -1225,41 +1236,14 @@ fn hostile_server(
                     tokio::time::sleep(delay).await;
                     let _ = stream.write_all(&then).await;
                     let _ = stream.flush().await;
-                    let _ = stream.read_to_end(&mut Vec::new()).await;
-                });
-            }
-        });
-    });
-    addr
-}
-
-/// A host `admits` lets in, holding `key`, on loopback: every connection
-/// gets its Hello and is closed (without a TLS close_notify, as a refused
-/// one is) as soon as the peer sends anything. Returns its address.
-fn closes_once_asked(key: agent::identity::HostKey, admits: &Envoy) -> String {
-    use agent::tls::{self, AllowList};
-    use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let admits: agent::identity::PeerKey = admits.key.parse().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        runtime().block_on(async move {
-            let config = tls::server_config(&key, Arc::new(AllowList::new(vec![admits]))).unwrap();
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((tcp, _)) = listener.accept().await {
-                let config = Arc::clone(&config);
-                tokio::spawn(async move {
-                    let Ok((mut stream, _)) =
-                        tls::accept(&config, tcp, Duration::from_secs(10)).await
-                    else {
-                        return;
-                    };
-                    let _ = stream.write_all(&hello_frame()).await;
-                    let _ = stream.flush().await;
-                    let _ = stream.read(&mut [0u8; 4096]).await;
+                    match after {
+                        After::HoldOpen => {
+                            let _ = stream.read_to_end(&mut Vec::new()).await;
+                        }
+                        After::CloseOnceAsked => {
+                            let _ = stream.read(&mut [0u8; 4096]).await;
+                        }
+                    }
                 });
             }
         });
@@ -1283,7 +1267,7 @@ fn a_source_flooding_have_frames_is_cut_off() {
     let id = "v1-b3-".to_owned() + &"ab".repeat(32);
     let have = HaveMap::all(id.parse().unwrap(), 0, 1 << 20);
     let then = encoded(&Frame::Have(have), 200);
-    let hostile = hostile_server(source, &b, Duration::ZERO, then);
+    let hostile = hostile_server(source, &b, Duration::ZERO, then, After::HoldOpen);
     let out_path = b.dir.path().join("out.bin");
     let started = Instant::now();
     let out = b.fetch(&id, &[hostile], &out_path);
@@ -1330,7 +1314,7 @@ fn a_source_that_sends_no_manifest_page_is_dropped_and_its_pages_asked_elsewhere
     let then = encoded(&root, 1);
     // Its root is there before B asks anyone (A's connections are only
     // ready half a second later): every page is asked of it.
-    let silent = hostile_server(silent, &b, Duration::ZERO, then);
+    let silent = hostile_server(silent, &b, Duration::ZERO, then, After::HoldOpen);
     let late = slow_to_answer(a.addr(), Duration::from_millis(500));
     let out_path = b.dir.path().join("out.bin");
     let started = Instant::now();
@@ -1373,7 +1357,7 @@ fn a_connection_answered_by_another_host_does_not_speak_for_the_source() {
         payload: &[0; 64],
     };
     let then = encoded(&stray, 1);
-    let hostile = hostile_server(other, &b, Duration::from_millis(700), then);
+    let hostile = hostile_server(other, &b, Duration::from_millis(700), then, After::HoldOpen);
     let proxy = divert_after_first(a.addr(), hostile);
     let out_path = b.dir.path().join("out.bin");
     b.fetch(&id, &[proxy], &out_path).expect(OK);
