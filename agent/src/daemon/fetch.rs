@@ -119,6 +119,14 @@ impl Peer {
         self.conns.first().map(|(_, c)| c)
     }
 
+    /// Asks for `blob`'s manifest root (answered with the root and a `Have`)
+    /// on the first connection.
+    async fn ask_root(&self, blob: BlobId) {
+        if let Some(c) = self.first() {
+            c.send(encode(&Frame::GetManifest { blob })).await;
+        }
+    }
+
     /// The connection carrying `request` (and its cancel): chunks and the
     /// `Reject` acknowledging a cancel then arrive in order on one connection.
     fn lane(&self, request: wire::RequestId) -> Option<&ConnHandle> {
@@ -209,9 +217,7 @@ pub(crate) async fn fetch(
     let mut peers = dial_all(&daemon, &req.from, &events_tx, &writer_slot, &intakes).await?;
     drop(events_tx);
     for p in peers.values() {
-        if let Some(c) = p.first() {
-            c.send(encode(&Frame::GetManifest { blob: id })).await;
-        }
+        p.ask_root(id).await;
     }
 
     // 2. Manifest, then the partial blob.
@@ -884,9 +890,8 @@ async fn receive_manifest(
                     // The `Have` follows the root in the same answer.
                     && (!p.root_answered || p.have.is_none())
                     && !p.not_found
-                    && let Some(c) = p.first()
                 {
-                    c.send(encode(&Frame::GetManifest { blob: *id })).await;
+                    p.ask_root(*id).await;
                 }
                 continue;
             }
