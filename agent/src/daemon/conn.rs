@@ -605,6 +605,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         return;
     }
     let mut serving: Option<(BlobId, Arc<super::Served>)> = None;
+    // The stretch of a served blob last mapped ahead (`PREFETCH_BYTES`).
+    let mut mapped = (BlobId([0; 32]), 0u64, 0u64);
     let result: Result<(), String> = async {
         loop {
             // Take what is queued without waiting.
@@ -662,6 +664,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         let Some(e) = s.entry(&daemon.store, chunk_index) else {
                             return Err(format!("chunk {chunk_index} of {blob} has no entry"));
                         };
+                        if !(mapped.0 == blob && mapped.1 <= e.offset && e.end() <= mapped.2) {
+                            s.reader.prefetch(e.offset, PREFETCH_BYTES);
+                            mapped = (blob, e.offset, e.offset + PREFETCH_BYTES);
+                        }
                         let Some(payload) = s.reader.range(e.offset, u64::from(e.len)) else {
                             return Err(format!(
                                 "chunk {chunk_index} of {blob} is beyond its file"
@@ -736,6 +742,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         );
     }
 }
+
+/// Bytes of a served blob mapped at once ahead of serving them
+/// (`BlobReader::prefetch`): one `madvise` instead of a page fault per 16
+/// pages of the mapped file as the chunks are copied out.
+const PREFETCH_BYTES: u64 = 4 << 20;
 
 /// Handles one writer message; `Ok(true)` ends the connection.
 async fn handle_out<W: AsyncWrite + Unpin>(
