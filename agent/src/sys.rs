@@ -26,9 +26,17 @@ pub fn limit_heap_arenas() {
 }
 
 /// Allocations from this size up get their own mapping, returned to the
-/// OS when freed.
+/// OS when freed. 256 KiB: the fetch's buffers (intake batches, decoder
+/// and writer buffers) are at least that; below it, the manifest pages a
+/// fetch loads over and over (redb's zero-filled copy of a page value,
+/// ~180 KB, and the decoded page, ~200 KB) come from the heap. At 128 KiB
+/// each of those was a fresh mapping, faulted in page by page and zeroed
+/// by the kernel before redb zeroed it again: a 4 GiB fetch made ~2.7 k
+/// `mmap` calls and ~150 k page faults (both envoys, `perf stat -a`);
+/// with 256 KiB ~610 and ~61 k, and the bench's peak receiver RssAnon was
+/// 56.0 MiB (goal 64; 53.7 before).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD_BYTES: libc::c_int = 128 << 10;
+const MMAP_THRESHOLD_BYTES: libc::c_int = 256 << 10;
 
 /// Returns free heap memory to the OS after a large operation (glibc keeps
 /// it otherwise). Elsewhere a no-op.
