@@ -606,7 +606,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     let mut serving: Option<(BlobId, Arc<super::Served>)> = None;
     // The stretch of a served blob last mapped ahead (`PREFETCH_BYTES`).
-    let mut mapped = (BlobId([0; 32]), 0u64, 0u64);
+    let mut mapped: Option<(BlobId, std::ops::Range<u64>)> = None;
     let result: Result<(), String> = async {
         loop {
             // Take what is queued without waiting.
@@ -664,9 +664,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         let Some(e) = s.entry(&daemon.store, chunk_index) else {
                             return Err(format!("chunk {chunk_index} of {blob} has no entry"));
                         };
-                        if !(mapped.0 == blob && mapped.1 <= e.offset && e.end() <= mapped.2) {
+                        let within = |(b, r): &(BlobId, std::ops::Range<u64>)| {
+                            *b == blob && r.start <= e.offset && e.end() <= r.end
+                        };
+                        if !mapped.as_ref().is_some_and(within) {
                             s.reader.prefetch(e.offset, PREFETCH_BYTES);
-                            mapped = (blob, e.offset, e.offset + PREFETCH_BYTES);
+                            mapped = Some((blob, e.offset..e.offset + PREFETCH_BYTES));
                         }
                         let Some(payload) = s.reader.range(e.offset, u64::from(e.len)) else {
                             return Err(format!(
