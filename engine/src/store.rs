@@ -2450,6 +2450,15 @@ impl BlobReader {
             self.map.prefetch(offset, len.min(total - offset));
         }
     }
+
+    /// Starts reading `[offset, offset + len)` (cut at the blob's end) into
+    /// the page cache, without waiting (see [`SealedMap::read_ahead`]).
+    pub fn read_ahead(&self, offset: u64, len: u64) {
+        let total = self.map.bytes().len() as u64;
+        if offset < total {
+            self.map.read_ahead(offset, len.min(total - offset));
+        }
+    }
 }
 
 /// Files deleted on drop unless disarmed: nothing half-written stays visible.

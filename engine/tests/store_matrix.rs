@@ -930,7 +930,7 @@ fn resident_pages(bytes: &[u8]) -> usize {
 }
 
 #[test]
-fn a_served_blob_is_read_in_when_mapped_ahead_and_its_bounds_hold() {
+fn a_served_blob_is_read_in_when_mapped_or_read_ahead_and_its_bounds_hold() {
     let dir = tempdir_on_disk();
     let store = Store::open(&dir.path().join("s"), StoreOptions::default()).unwrap();
     let data = random(&mut StdRng::seed_from_u64(11), 3 << 20);
@@ -945,6 +945,7 @@ fn a_served_blob_is_read_in_when_mapped_ahead_and_its_bounds_hold() {
         (total - 1, u64::MAX),
     ] {
         reader.prefetch(offset, len);
+        reader.read_ahead(offset, len);
     }
     #[cfg(target_os = "linux")]
     {
@@ -984,6 +985,25 @@ fn a_served_blob_is_read_in_when_mapped_ahead_and_its_bounds_hold() {
             eprintln!(
                 "NOTE: madvise(MADV_POPULATE_READ) reads nothing in here (rc {rc}; qemu-user \
                  ignores it): prefetch's effect was NOT checked"
+            );
+        } else {
+            // Read-ahead of the first half: started, not waited for.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
+            let before = resident_pages(reader.bytes());
+            reader.read_ahead(0, total / 2);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut after = resident_pages(reader.bytes());
+            while after < before + pages / 2 - 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                after = resident_pages(reader.bytes());
+            }
+            assert!(
+                after >= before + pages / 2 - 1,
+                "read-ahead read in {} pages in 10 s, wanted the first half ({})",
+                after - before,
+                pages / 2
             );
         }
     }

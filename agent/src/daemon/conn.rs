@@ -669,6 +669,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         };
                         if !mapped.as_ref().is_some_and(within) {
                             s.reader.prefetch(e.offset, PREFETCH_BYTES);
+                            s.reader
+                                .read_ahead(e.offset + PREFETCH_BYTES, PREFETCH_BYTES);
                             mapped = Some((blob, e.offset..e.offset + PREFETCH_BYTES));
                         }
                         let Some(payload) = s.reader.range(e.offset, u64::from(e.len)) else {
@@ -748,7 +750,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 
 /// Bytes of a served blob mapped at once ahead of serving them
 /// (`BlobReader::prefetch`): one `madvise` instead of a page fault per 16
-/// pages of the mapped file as the chunks are copied out.
+/// pages of the mapped file as the chunks are copied out. The stretch after
+/// it is read ahead meanwhile (`BlobReader::read_ahead`), so that a blob
+/// not in the page cache is read while the one before is sent: 4 GiB from
+/// a source whose cache was dropped, alternating, 5.5–7.8 s (median 6.6)
+/// against 6.6–7.9 s (median 7.0), faster in four pairs of five.
 const PREFETCH_BYTES: u64 = 4 << 20;
 
 /// Handles one writer message; `Ok(true)` ends the connection.

@@ -270,6 +270,17 @@ impl SealedMap {
         }
         let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
     }
+
+    /// Starts reading `[offset, offset + len)` into the page cache without
+    /// waiting for it (`MADV_WILLNEED`). Advisory: failures are ignored.
+    pub fn read_ahead(&self, offset: u64, len: u64) {
+        let Some(map) = &self.map else { return };
+        let (offset, len) = (offset as usize, len as usize);
+        if offset.checked_add(len).is_none_or(|end| end > map.len()) || len == 0 {
+            return;
+        }
+        let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
+    }
 }
 
 /// The real user id of this process (the owner recorded for CLI adds).
