@@ -2445,19 +2445,13 @@ impl BlobReader {
     /// reading it, so that reading takes no page faults (see
     /// [`SealedMap::prefetch`]). Advisory.
     pub fn prefetch(&self, offset: u64, len: u64) {
-        let total = self.map.bytes().len() as u64;
-        if offset < total {
-            self.map.prefetch(offset, len.min(total - offset));
-        }
+        self.map.prefetch(offset, len);
     }
 
     /// Starts reading `[offset, offset + len)` (cut at the blob's end) into
     /// the page cache, without waiting (see [`SealedMap::read_ahead`]).
     pub fn read_ahead(&self, offset: u64, len: u64) {
-        let total = self.map.bytes().len() as u64;
-        if offset < total {
-            self.map.read_ahead(offset, len.min(total - offset));
-        }
+        self.map.read_ahead(offset, len);
     }
 }
 

@@ -252,15 +252,24 @@ impl SealedMap {
         self.map.as_deref().unwrap_or(&[])
     }
 
-    /// Maps `[offset, offset + len)` ahead of a sequential pass over it, so
-    /// the pass takes no page faults (`MADV_POPULATE_READ` on Linux 5.14+,
-    /// else a read-ahead hint). Advisory: failures are ignored.
+    /// `[offset, offset + len)` cut at the map's end; `None` when that
+    /// leaves nothing.
+    fn stretch(&self, offset: u64, len: u64) -> Option<(&memmap2::Mmap, usize, usize)> {
+        let map = self.map.as_ref()?;
+        let offset = usize::try_from(offset).ok().filter(|&o| o < map.len())?;
+        let len = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(map.len() - offset);
+        Some((map, offset, len))
+    }
+
+    /// Maps `[offset, offset + len)` (cut at the map's end) ahead of a pass
+    /// over it, so the pass takes no page faults (`MADV_POPULATE_READ` on
+    /// Linux 5.14+, else a read-ahead hint). Advisory: failures are ignored.
     pub fn prefetch(&self, offset: u64, len: u64) {
-        let Some(map) = &self.map else { return };
-        let (offset, len) = (offset as usize, len as usize);
-        if offset.checked_add(len).is_none_or(|end| end > map.len()) || len == 0 {
+        let Some((map, offset, len)) = self.stretch(offset, len) else {
             return;
-        }
+        };
         #[cfg(target_os = "linux")]
         if map
             .advise_range(memmap2::Advice::PopulateRead, offset, len)
@@ -271,15 +280,13 @@ impl SealedMap {
         let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
     }
 
-    /// Starts reading `[offset, offset + len)` into the page cache without
-    /// waiting for it (`MADV_WILLNEED`). Advisory: failures are ignored.
+    /// Starts reading `[offset, offset + len)` (cut at the map's end) into
+    /// the page cache without waiting for it (`MADV_WILLNEED`). Advisory:
+    /// failures are ignored.
     pub fn read_ahead(&self, offset: u64, len: u64) {
-        let Some(map) = &self.map else { return };
-        let (offset, len) = (offset as usize, len as usize);
-        if offset.checked_add(len).is_none_or(|end| end > map.len()) || len == 0 {
-            return;
+        if let Some((map, offset, len)) = self.stretch(offset, len) {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
         }
-        let _ = map.advise_range(memmap2::Advice::WillNeed, offset, len);
     }
 }
 
