@@ -33,6 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -1162,25 +1163,63 @@ impl Store {
 
     /// Which chunks of `manifest` are already held by some sealed blob.
     pub fn plan(&self, manifest: &Manifest) -> Result<DeltaPlan, StoreError> {
-        let id = manifest.id();
         let mut plan = DeltaPlan::default();
-        let finder = self.index.chunk_finder()?;
-        let none = HashSet::new();
-        for e in manifest.entries()? {
-            if finder.find(&e.hash, &id, &none)?.is_some() {
+        self.each_held(manifest, |e, held| {
+            if held {
                 plan.held_chunks += 1;
                 plan.held_bytes += u64::from(e.len);
             } else {
                 plan.missing_chunks += 1;
                 plan.missing_bytes += u64::from(e.len);
             }
-        }
+            ControlFlow::Continue(())
+        })?;
         Ok(plan)
+    }
+
+    /// Whether some sealed blob holds any chunk of `manifest` (it stops at
+    /// the first one found). A fetch asks this while it makes the partial
+    /// blob, and skips the local copy pass when the answer is no.
+    pub fn holds_any(&self, manifest: &Manifest) -> Result<bool, StoreError> {
+        let mut any = false;
+        self.each_held(manifest, |_, held| {
+            any = held;
+            if held {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        Ok(any)
+    }
+
+    /// Calls `f(entry, held)` for the chunks of `manifest` in order, one
+    /// page decoded at a time, until it breaks; `held` when a sealed blob
+    /// other than the manifest's own holds the chunk (one index snapshot).
+    fn each_held(
+        &self,
+        manifest: &Manifest,
+        mut f: impl FnMut(&ChunkEntry, bool) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let id = manifest.id();
+        let finder = self.index.chunk_finder()?;
+        let none = HashSet::new();
+        for (i, page) in manifest.pages.iter().enumerate() {
+            for e in manifest.root.decode_page(i, page)? {
+                let held = finder.find(&e.hash, &id, &none)?.is_some();
+                if f(&e, held).is_break() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Registers a blob to be assembled: a partial file of the full size and
     /// an all-clear presence map. Idempotent: an existing partial blob keeps
-    /// its progress; a complete one is left alone.
+    /// its progress; a complete one is left alone. A new partial blob is
+    /// durable from the first commit of its chunks on (until then a crash
+    /// loses only the empty blob).
     pub fn begin_partial(
         &self,
         manifest: &Manifest,
@@ -1230,7 +1269,10 @@ impl Store {
             },
         )?;
         tx.add_owner(&id, owner)?;
-        tx.commit()?;
+        // Not flushed here (~40 ms at 4 GiB, the 23 MB of pages): the first
+        // chunk commit, flushed, carries it to the disk with it. A crash
+        // before that leaves no record, and `open` removes the file.
+        tx.commit_unsynced()?;
         Ok(BlobState::Partial)
     }
 
@@ -2636,6 +2678,50 @@ mod tests {
         assert!(store.index.page_bytes_at(&key, 0).unwrap().is_none());
         assert_eq!(store.plan(&other).unwrap().held_chunks, 0);
         assert_eq!(store.index.chunk_rows_for_tests(), (0, 0));
+    }
+
+    #[test]
+    fn holds_any_finds_a_single_shared_chunk_on_any_page() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("s"), small_chunks()).unwrap();
+        let path = tmp.path().join("in");
+        fs::write(&path, data(3 * PAGE_CHUNKS_USIZE * 1024 + 777, 9)).unwrap();
+        let id = store
+            .add_file(&path, &Owner::new(0, "test"), None)
+            .unwrap()
+            .id;
+        let manifest = store.manifest(&id).unwrap();
+        assert!(manifest.pages.len() >= 2, "the blob spans pages");
+        // A blob's own chunks do not count for it.
+        assert!(!store.holds_any(&manifest).unwrap());
+        let entries = manifest.entries().unwrap();
+        // Another blob sharing exactly one chunk: the first, one on the
+        // second page, the last, or none.
+        let sharing = |keep: Option<usize>| {
+            let mut es = entries.clone();
+            for (i, e) in es.iter_mut().enumerate() {
+                if Some(i) != keep {
+                    e.hash.0[0] ^= 0x5a;
+                    e.hash.0[31] ^= 0xa5;
+                }
+            }
+            Manifest::from_entries(store.chunker.params(), ContentHash([2; 32]), &es)
+        };
+        for keep in [0, PAGE_CHUNKS_USIZE + 1, entries.len() - 1] {
+            let other = sharing(Some(keep));
+            assert!(store.holds_any(&other).unwrap(), "chunk {keep} shared");
+            assert_eq!(store.plan(&other).unwrap().held_chunks, 1);
+        }
+        let none = sharing(None);
+        assert!(!store.holds_any(&none).unwrap());
+        assert_eq!(store.plan(&none).unwrap().held_chunks, 0);
+        let other = same_chunks_other_blob(&manifest);
+        assert!(store.holds_any(&other).unwrap());
+        store.remove(&id).unwrap();
+        assert!(
+            !store.holds_any(&other).unwrap(),
+            "removed blobs hold nothing"
+        );
     }
 
     #[test]
