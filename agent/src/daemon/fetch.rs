@@ -771,12 +771,6 @@ fn page_holders(peers: &BTreeMap<PeerId, Peer>) -> Vec<PeerId> {
         .collect()
 }
 
-/// Step 1: the manifest, verified part by part. Pages are asked round robin
-/// of the sources that sent the root, [`PAGE_WINDOW`] at a time each; a
-/// source that leaves or sends a bad page is dropped, one that stops
-/// sending them ([`PAGE_STALL`]) too when another can, and what it owed is
-/// asked of the others. Only a verified root or page counts as progress: a
-/// source that just keeps its connection alive does not hold the fetch.
 /// Copies the chunks of the fetch's blob that sealed local blobs hold (see
 /// `PartialWriter::assemble_local`), with progress; returns what is still
 /// missing.
@@ -808,6 +802,12 @@ async fn copy_local(
     blocking(move || s.missing_chunks(&id)).await
 }
 
+/// Step 1: the manifest, verified part by part. Pages are asked round robin
+/// of the sources that sent the root, [`PAGE_WINDOW`] at a time each; a
+/// source that leaves or sends a bad page is dropped, one that stops
+/// sending them ([`PAGE_STALL`]) too when another can, and what it owed is
+/// asked of the others. Only a verified root or page counts as progress: a
+/// source that just keeps its connection alive does not hold the fetch.
 async fn receive_manifest(
     id: &BlobId,
     peers: &mut BTreeMap<PeerId, Peer>,
