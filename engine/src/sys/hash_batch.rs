@@ -87,16 +87,15 @@ pub fn hash_batch(msgs: &[&[u8]], out: &mut [[u8; OUT_LEN]]) {
     let mut scratch: Vec<u8> = vec![0; multi.len().max(total / 2) * OUT_LEN];
 
     // Every full chunk but the last of each message, one SIMD call per chunk index.
+    let mut inputs: Vec<&[u8; CHUNK_LEN]> = Vec::with_capacity(multi.len());
     for j in 0..counts[0] - 1 {
         let active = counts.partition_point(|&n| n > j + 1);
-        let inputs: Vec<&[u8; CHUNK_LEN]> = multi[..active]
-            .iter()
-            .map(|&i| {
-                msgs[i][j * CHUNK_LEN..(j + 1) * CHUNK_LEN]
-                    .try_into()
-                    .expect("a full chunk")
-            })
-            .collect();
+        inputs.clear();
+        inputs.extend(multi[..active].iter().map(|&i| -> &[u8; CHUNK_LEN] {
+            msgs[i][j * CHUNK_LEN..(j + 1) * CHUNK_LEN]
+                .try_into()
+                .expect("a full chunk")
+        }));
         let produced = &mut scratch[..active * OUT_LEN];
         platform.hash_many(
             &inputs,
