@@ -799,6 +799,41 @@ fn open_removes_what_a_crash_left_behind() {
     assert_eq!(read_all(&store, &id).unwrap(), data);
 }
 
+/// `begin_partial` does not flush its commit (the first chunk commit
+/// does): a clean close must keep the new partial blob all the same, and
+/// a crash before any chunk commit may lose only it (`open` then removes
+/// its file: `open_removes_what_a_crash_left_behind`).
+#[test]
+fn a_begun_partial_blob_outlives_a_clean_close() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let mut rng = StdRng::seed_from_u64(20);
+    let params = ChunkerParams::with_avg(4096).unwrap();
+    let options = || StoreOptions {
+        chunker: params,
+        ..StoreOptions::default()
+    };
+    let m = MemStore::manifest_of(&Chunker::new(params).unwrap(), &random(&mut rng, 300_000));
+    let id = m.id();
+    {
+        let store = Store::open(&dir, options()).unwrap();
+        assert_eq!(
+            store.begin_partial(&m, &owner()).unwrap(),
+            BlobState::Partial
+        );
+    }
+    let store = Store::open(&dir, options()).unwrap();
+    let info = store.info(&id).unwrap();
+    assert_eq!(info.state, BlobState::Partial);
+    assert_eq!(info.chunks, m.root.chunk_count);
+    assert!(dir.join("partial").join(id.to_hex()).exists());
+    assert_eq!(
+        store.missing_chunks(&id).unwrap().len() as u64,
+        m.root.chunk_count
+    );
+    assert_eq!(store.manifest(&id).unwrap().pages, m.pages);
+}
+
 #[test]
 fn manifests_from_outside_are_checked_against_store_limits() {
     let tmp = tempfile::tempdir().unwrap();
