@@ -19,6 +19,8 @@
 # PERFARGS="-a -e syscalls:sys_enter_recvfrom"), perf's own output going to
 # WORKDIR/perf.out.
 set -euo pipefail
+# shellcheck source=envoys.sh
+source "$(dirname "$0")/envoys.sh"
 
 if [[ $# -lt 4 ]]; then
     echo "usage: $0 SIZE_MIB ROUNDS WORKDIR ENVOY [ENVOY...]" >&2
@@ -55,25 +57,11 @@ id=$(env -u VIGO_CONFIG "$first" --store snd/store --json store add "input-$size
 # The sender's page cache holds the blob (`store add` wrote it direct).
 find snd/store/blobs -type f -exec cat {} + >/dev/null
 
-busy_cs() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
     for b in "${builds[@]}"; do
         rm -rf rcv/store
-        VIGO_LOG=info "$b" --config snd.yaml run 2>snd.log &
-        sp=$!
-        VIGO_LOG=info "$b" --config rcv.yaml run 2>rcv.log &
-        rp=$!
-        listen=
-        for _ in $(seq 100); do
-            listen=$("$b" --config snd.yaml --json status 2>/dev/null |
-                grep -o '"listen":"[^"]*"' | head -1 | cut -d'"' -f4) || true
-            if [[ -n $listen ]] && "$b" --config rcv.yaml status >/dev/null 2>&1; then
-                break
-            fi
-            sleep 0.1
-        done
-        [[ -n $listen ]] || { echo "the sender did not start: see $work/snd.log" >&2; exit 1; }
+        start_envoys "$b"
         sync
         if [[ ${COLD:-0} == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
         sleep 1
@@ -104,7 +92,6 @@ done
 # Per build: the median and range of the wall times and of the machine's
 # CPU (this VM's run-to-run spread is wide: compare medians of alternating
 # rounds, not single runs).
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 for b in "${builds[@]}"; do
     walls=$(awk -v b="$b" '$1 == b { print $2 }' "$work/walls")
     [[ -n $walls ]] || continue

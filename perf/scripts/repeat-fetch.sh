@@ -12,6 +12,8 @@
 # WORKDIR is one `ab-fetch.sh` prepared (configs and the sender's store);
 # the sender's store must hold exactly one blob, the one fetched.
 set -euo pipefail
+# shellcheck source=envoys.sh
+source "$(dirname "$0")/envoys.sh"
 
 if [[ $# -ne 3 ]]; then
     echo "usage: $0 ROUNDS WORKDIR ENVOY" >&2
@@ -33,24 +35,11 @@ id=$(env -u VIGO_CONFIG "$b" --store snd/store --json store ls |
 }
 find snd/store/blobs -type f -exec cat {} + >/dev/null
 rm -rf rcv/store
-VIGO_LOG=info "$b" --config snd.yaml run 2>snd.log &
-sp=$!
-VIGO_LOG=info "$b" --config rcv.yaml run 2>rcv.log &
-rp=$!
-trap 'kill "$sp" "$rp" 2>/dev/null; wait "$sp" "$rp" 2>/dev/null || true' EXIT
-listen=
-for _ in $(seq 100); do
-    listen=$("$b" --config snd.yaml --json status 2>/dev/null |
-        grep -o '"listen":"[^"]*"' | head -1 | cut -d'"' -f4) || true
-    if [[ -n $listen ]] && "$b" --config rcv.yaml status >/dev/null 2>&1; then
-        break
-    fi
-    sleep 0.1
-done
-[[ -n $listen ]] || { echo "the sender did not start: see $work/snd.log" >&2; exit 1; }
+sp=
+rp=
+trap 'kill $sp $rp 2>/dev/null; wait $sp $rp 2>/dev/null || true' EXIT
+start_envoys "$b"
 
-busy_cs() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 walls=()
 cpus=()
 for round in $(seq "$rounds"); do
