@@ -264,8 +264,6 @@ pub(crate) async fn fetch(
     let sum = |chunks: &[u64]| -> u64 { chunks.iter().map(|&i| u64::from(lens[i as usize])).sum() };
     let before_bytes = sum(&before);
     let bytes_resumed = total - before_bytes;
-    // Local copies of a large blob take a while (the disk reads and writes
-    // every byte): the progress bar follows them.
     let missing = if any_local {
         copy_local(&store, &writer, &progress).await?
     } else {
@@ -772,8 +770,9 @@ fn page_holders(peers: &BTreeMap<PeerId, Peer>) -> Vec<PeerId> {
 }
 
 /// Copies the chunks of the fetch's blob that sealed local blobs hold (see
-/// `PartialWriter::assemble_local`), with progress; returns what is still
-/// missing.
+/// `PartialWriter::assemble_local`); returns what is still missing. For a
+/// large blob this takes a while (the disk reads and writes every byte): the
+/// progress bar follows it.
 async fn copy_local(
     store: &Arc<Store>,
     writer: &Arc<PartialWriter>,
